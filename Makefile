@@ -1,0 +1,45 @@
+# quantlab: `make course` runs the course, `make test` runs the tests. Both set everything up first.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MODEL  ?= tiny
+OUT    ?= build
+# Where torch comes from. Empty means the default index; a CPU-only laptop can pass the PyTorch
+# CPU wheel index here to avoid the CUDA build.
+TORCH_INDEX ?=
+
+# The torch pin is read from pyproject.toml, the one place versions are set.
+TORCH_PIN := $(shell sed -n 's/^ *"\(torch==[^"]*\)".*/\1/p' pyproject.toml)
+STAMP     := $(VENV)/.installed
+
+.PHONY: setup course test lab clean clean-all
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "quantlab needs Python 3.11+; this is " + sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@echo "installing $(TORCH_PIN) first, so that nothing else pulls a different torch"
+	$(PY) -m pip install --quiet "$(TORCH_PIN)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e .
+	touch $(STAMP)
+
+course: $(STAMP)
+	$(PY) -m quantlab.course --model $(MODEL) --out $(OUT)
+
+# The unit tests, then every notebook through papermill (tests/test_notebooks.py) and through
+# nbval, which runs each notebook as stored, in one pytest run.
+test: $(STAMP)
+	$(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks
+
+clean:
+	rm -rf $(OUT) .pytest_cache
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+
+clean-all: clean
+	rm -rf $(VENV) $${QUANTLAB_CACHE:-$$HOME/.cache/quantlab}

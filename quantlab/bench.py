@@ -1,0 +1,143 @@
+"""Benchmark recipes end to end: load, measure memory, generate, time, and compare with a reference.
+
+Notebooks call `run_recipe` for one recipe. On a GPU machine the command line runs a list of
+recipes and writes the rows to `results/`:
+
+    python -m quantlab.bench --model flux-dev-shaped --recipes bf16 bnb-8bit --out results/NAME.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import env, measure, models, recipes
+
+__all__ = ["RecipeRun", "run_recipe", "run_recipes", "main"]
+
+DEFAULT_PROMPT = "a photo of a cat sitting on a red chair in a sunny room"
+
+
+@dataclass
+class RecipeRun:
+    """What `run_recipe` returns: the measurement row, the image, and the pipeline if it was kept."""
+
+    row: measure.Measurement
+    image: Any
+    pipe: Any = None
+
+
+def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = DEFAULT_PROMPT,
+               height: int | None = None, width: int | None = None, steps: int | None = None, seed: int = 0,
+               warmup: int = 1, warmup_steps: int | None = None, repeats: int = 3, reference_image=None,
+               device: str | None = None, keep_pipeline: bool = False, **load_kwargs) -> RecipeRun:
+    """Load `model` with `recipe`, then measure memory after loading, peak memory, time and image error.
+
+    The warm-up images use `warmup_steps` denoising steps (default: `steps`); the timed ones use `steps`.
+    """
+    spec = models.get_model(model)
+    device = device or env.default_device()
+    call = spec.call_kwargs()
+    call.update({k: v for k, v in {"height": height, "width": width, "num_inference_steps": steps}.items() if v})
+
+    measure.reset_peak_gpu_memory(device)
+    with measure.track_peak_host_rss() as host:
+        pipe = recipes.load_pipeline(spec.name, recipe, device=device, seed=seed, **load_kwargs)
+    mem_after_load = measure.memory_after_load_gib(pipe, device)
+    reserved_during_load = measure.peak_gpu_memory_gib(device)
+    weights = sum(measure.component_weights_bytes(pipe).values())
+
+    if warmup:
+        warm_call = {**call, "num_inference_steps": warmup_steps or call["num_inference_steps"]}
+        for _ in range(warmup):
+            pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **warm_call)
+    measure.reset_peak_gpu_memory(device)
+    timing = measure.time_generation(pipe, prompt, call, seed=seed, warmup=0, repeats=repeats, device=device)
+    row = measure.new_row(
+        spec.name,
+        recipes.get_recipe(recipe).name,
+        device,
+        height=call["height"],
+        width=call["width"],
+        steps=call["num_inference_steps"],
+        mem_after_load_gib=mem_after_load,
+        peak_gpu_mem_gib=measure.peak_gpu_memory_gib(device),
+        peak_host_rss_gib=host.gib,
+        weights_bytes=weights,
+        ms_per_step=timing.per_step.median_s * 1000,
+        ms_per_step_iqr=timing.per_step.iqr_s * 1000,
+        s_per_image=timing.per_image.median_s,
+        s_per_image_iqr=timing.per_image.iqr_s,
+        repeats=repeats,
+        extra={
+            "peak_gpu_reserved_during_load_gib": reserved_during_load,
+            "peak_gpu_allocated_gib": measure.peak_gpu_memory_gib(device, reserved=False),
+            "peak_host_rss_method": host.method,
+        },
+    )
+    if reference_image is not None:
+        row.psnr_db = measure.psnr_db(timing.image, reference_image)
+        row.ssim = measure.ssim(timing.image, reference_image)
+    if not keep_pipeline:
+        del pipe
+        pipe = None
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return RecipeRun(row, timing.image, pipe)
+
+
+def run_recipes(model: str | None, recipe_names: list[str], **kwargs) -> list[RecipeRun]:
+    """`run_recipe` for each recipe in turn; the first one's image is the reference for the rest."""
+    runs: list[RecipeRun] = []
+    for name in recipe_names:
+        reference = runs[0].image if runs else None
+        run = run_recipe(model, name, reference_image=reference, **kwargs)
+        print(_describe(run.row), flush=True)
+        runs.append(run)
+    return runs
+
+
+def _describe(row: measure.Measurement) -> str:
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
+    return (f"{row.recipe:<28} after load {fmt(row.mem_after_load_gib, '.3f')} GiB, "
+            f"peak {fmt(row.peak_gpu_mem_gib, '.3f')} GiB, host RSS {fmt(row.peak_host_rss_gib, '.2f')} GiB, "
+            f"{fmt(row.ms_per_step, '.1f')} ms/step, {fmt(row.s_per_image, '.2f')} s/image, "
+            f"PSNR {fmt(row.psnr_db, '.1f')} dB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run recipes on one model and save the rows as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help=f"one of: {', '.join(models.list_models())}")
+    parser.add_argument("--recipes", nargs="+", default=["bf16"], help="recipe names; the first is the reference")
+    parser.add_argument("--out", required=True, help="where to write the rows (.json or .csv)")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--notes", default="", help="a line stored with every row")
+    args = parser.parse_args(argv)
+    for name in args.recipes:
+        recipes.get_recipe(name)  # every name checked before the first (long) load
+    print(env.report(), flush=True)
+    runs = run_recipes(args.model, args.recipes, prompt=args.prompt, height=args.height, width=args.width,
+                       steps=args.steps, warmup_steps=args.warmup_steps, repeats=args.repeats)
+    rows = [run.row for run in runs]
+    for row in rows:
+        row.notes = args.notes
+    print(f"wrote {measure.save_rows(rows, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

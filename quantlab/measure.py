@@ -1,0 +1,448 @@
+"""Measuring memory, time and image error, the same way on a CPU and on a CUDA GPU.
+
+Every measurement is a `Measurement` row that records the model, recipe, device, package
+versions and date, with units in the field names. Rows become a pandas DataFrame, and are
+saved to JSON or CSV; results from GPU runs live in `results/` in this form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import gc
+import json
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from . import env
+
+__all__ = [
+    "GIB",
+    "Measurement",
+    "TimingStats",
+    "GenerationTiming",
+    "PeakHostRSS",
+    "new_row",
+    "memory_after_load_gib",
+    "reset_peak_gpu_memory",
+    "peak_gpu_memory_gib",
+    "track_peak_host_rss",
+    "tensor_storage_bytes",
+    "weights_bytes",
+    "component_weights_bytes",
+    "synchronize",
+    "time_callable",
+    "time_generation",
+    "psnr_db",
+    "ssim",
+    "to_frame",
+    "save_rows",
+    "load_rows",
+    "results_dir",
+    "load_results",
+    "record",
+]
+
+GIB = 1024**3
+
+
+@dataclass
+class Measurement:
+    """One row of measurements. `None` means not measured (for example GPU memory on a CPU)."""
+
+    model: str
+    recipe: str
+    device: str
+    versions: dict[str, str]
+    date: str
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    mem_after_load_gib: float | None = None
+    peak_gpu_mem_gib: float | None = None
+    peak_host_rss_gib: float | None = None
+    weights_bytes: int | None = None
+    ms_per_step: float | None = None
+    ms_per_step_iqr: float | None = None
+    s_per_image: float | None = None
+    s_per_image_iqr: float | None = None
+    repeats: int | None = None
+    psnr_db: float | None = None
+    ssim: float | None = None
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def new_row(model: str, recipe: str, device: str | env.DeviceInfo | None = None, **values: Any) -> Measurement:
+    """A `Measurement` stamped with the device, package versions and today's date (UTC)."""
+    info = device if isinstance(device, env.DeviceInfo) else env.device_info(device)
+    return Measurement(
+        model=model,
+        recipe=recipe,
+        device=info.label,
+        versions=env.package_versions(),
+        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+        **values,
+    )
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+
+def tensor_storage_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor really stores, looking inside quantized tensor subclasses.
+
+    torchao and quanto tensors are wrapper subclasses whose `numel() * element_size()` is the
+    logical (unquantized) size; their inner tensors hold the packed data and scales.
+    bitsandbytes keeps its scales beside the packed weight, in `quant_state` (4-bit) or `SCB`
+    (8-bit).
+    """
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_storage_bytes(getattr(tensor, name)) for name in names)
+    total = tensor.numel() * tensor.element_size()
+    state = getattr(tensor, "quant_state", None)
+    if state is not None:  # bitsandbytes 4-bit: absmax, the code table and, nested, their own state
+        total += _bnb_state_bytes(state)
+    scb = getattr(tensor, "SCB", None)
+    if isinstance(scb, torch.Tensor):  # bitsandbytes 8-bit: one fp32 scale per row
+        total += scb.numel() * scb.element_size()
+    return total
+
+
+def _bnb_state_bytes(state) -> int:
+    total = 0
+    for name in ("absmax", "code", "offset"):
+        t = getattr(state, name, None)
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        total += _bnb_state_bytes(nested)
+    return total
+
+
+def weights_bytes(module: torch.nn.Module) -> int:
+    """Bytes of `module`'s parameters and buffers as stored, counting quantized storage.
+
+    `parameters()` and `buffers()` yield a shared (tied) tensor once, so it is counted once.
+    """
+    return sum(tensor_storage_bytes(t) for t in [*module.parameters(), *module.buffers()])
+
+
+def component_weights_bytes(pipe) -> dict[str, int]:
+    """`weights_bytes` of every `nn.Module` component of a pipeline."""
+    return {name: weights_bytes(c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+
+
+def _device_type(device: str | torch.device | None) -> str:
+    return torch.device(device or env.default_device()).type
+
+
+def memory_after_load_gib(pipe=None, device: str | None = None) -> float:
+    """Memory held after loading, in GiB.
+
+    On CUDA: `torch.cuda.memory_allocated()`, everything PyTorch holds on the GPU. On a CPU
+    there is no separate device memory, so it is the bytes of the pipeline's weights in RAM.
+    """
+    if _device_type(device) == "cuda":
+        synchronize(device)
+        return torch.cuda.memory_allocated() / GIB
+    if pipe is None:
+        raise ValueError("On a CPU, memory_after_load_gib needs the pipeline: memory_after_load_gib(pipe).")
+    return sum(component_weights_bytes(pipe).values()) / GIB
+
+
+def reset_peak_gpu_memory(device: str | None = None) -> None:
+    """Free cached blocks and restart the peak counter (no-op on a CPU)."""
+    gc.collect()
+    if _device_type(device) == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gpu_memory_gib(device: str | None = None, reserved: bool = True) -> float | None:
+    """Peak GPU memory since the last reset, in GiB; None on a CPU.
+
+    `reserved=True` (the default) counts what PyTorch's caching allocator took from the GPU,
+    fragmentation included: what must fit on the card, and what the HF blog reports.
+    `reserved=False` counts only the bytes held by live tensors.
+    """
+    if _device_type(device) != "cuda":
+        return None
+    synchronize(device)
+    peak = torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()
+    return peak / GIB
+
+
+@dataclass
+class PeakHostRSS:
+    """The result of `track_peak_host_rss`: peak resident memory of this process inside the block."""
+
+    gib: float | None = None
+    method: str = ""
+
+
+def _read_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def track_peak_host_rss(sample_interval_s: float = 0.005) -> Iterator[PeakHostRSS]:
+    """Measure the peak host RSS (resident memory) of this process while the block runs.
+
+    On Linux the kernel tracks the peak itself (VmHWM), and writing 5 to /proc/self/clear_refs
+    resets it, so the figure is exact. Elsewhere a thread samples RSS every few milliseconds.
+    """
+    result = PeakHostRSS()
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        exact = _read_status_kib("VmHWM") is not None
+    except OSError:
+        exact = False
+    if exact:
+        yield result
+        result.gib = _read_status_kib("VmHWM") * 1024 / GIB
+        result.method = "VmHWM (kernel peak, reset by /proc/self/clear_refs)"
+        return
+
+    import psutil  # only needed where /proc/self/clear_refs is missing (macOS, Windows)
+
+    process, peak, stop = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(sample_interval_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], process.memory_info().rss)
+        result.gib = peak[0] / GIB
+        result.method = f"psutil RSS sampled every {sample_interval_s * 1000:.0f} ms"
+
+
+# --- time -------------------------------------------------------------------------------------
+
+
+def synchronize(device: str | torch.device | None = None) -> None:
+    """Wait for queued GPU work to finish, so that a timer reads the real end (no-op on a CPU)."""
+    if _device_type(device) == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    """Median and interquartile range of repeated timings, in seconds."""
+
+    median_s: float
+    iqr_s: float
+    min_s: float
+    max_s: float
+    repeats: int
+
+    @classmethod
+    def of(cls, samples_s: Iterable[float]) -> TimingStats:
+        """Summarize a list of timings in seconds."""
+        samples = sorted(samples_s)
+        if not samples:
+            raise ValueError("TimingStats needs at least one sample.")
+        if len(samples) >= 2:
+            q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+        else:
+            q1 = q3 = samples[0]
+        return cls(statistics.median(samples), q3 - q1, samples[0], samples[-1], len(samples))
+
+
+def time_callable(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3,
+                  device: str | None = None) -> TimingStats:
+    """Time `fn()`: `warmup` untimed calls, then `repeats` timed ones, synchronizing around each."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - start)
+    return TimingStats.of(samples)
+
+
+@dataclass
+class GenerationTiming:
+    """Time per image and per denoising step, with the last image generated."""
+
+    per_image: TimingStats
+    per_step: TimingStats
+    image: Any
+
+
+def time_generation(pipe, prompt: str, call_kwargs: dict[str, Any], seed: int = 0, warmup: int = 1,
+                    repeats: int = 3, device: str | None = None) -> GenerationTiming:
+    """Generate `warmup + repeats` images from the same seed and time them.
+
+    Per-step times come from a `callback_on_step_end` that synchronizes and reads the clock after
+    every denoising step; the first step of each image is left out, since it includes the
+    prompt encoding that precedes it.
+    """
+    device = device or str(getattr(pipe, "_execution_device", None) or env.default_device())
+    step_ends: list[float] = []
+
+    def on_step_end(_pipe, _step, _timestep, callback_kwargs):
+        synchronize(device)
+        step_ends.append(time.perf_counter())
+        return callback_kwargs
+
+    def generate():
+        step_ends.clear()
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return pipe(prompt, generator=generator, callback_on_step_end=on_step_end, **call_kwargs).images[0]
+
+    for _ in range(warmup):
+        generate()
+    per_image, per_step, image = [], [], None
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        image = generate()
+        synchronize(device)
+        per_image.append(time.perf_counter() - start)
+        per_step += list(np.diff(step_ends))
+    if not per_step:  # a single step per image: fall back to whole-image time
+        per_step = per_image
+    return GenerationTiming(TimingStats.of(per_image), TimingStats.of(per_step), image)
+
+
+# --- image error ------------------------------------------------------------------------------
+
+
+def _as_float_array(image) -> np.ndarray:
+    array = np.asarray(image, dtype=np.float64)
+    if array.ndim == 2:
+        array = array[..., None]
+    return array
+
+
+def psnr_db(image, reference, max_value: float = 255.0) -> float:
+    """Peak signal-to-noise ratio of `image` against `reference`, in dB (inf when identical)."""
+    a, b = _as_float_array(image), _as_float_array(reference)
+    if a.shape != b.shape:
+        raise ValueError(f"Images differ in shape: {a.shape} vs {b.shape}.")
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(max_value**2 / mse))
+
+
+def ssim(image, reference, max_value: float = 255.0) -> float:
+    """Structural similarity (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, mean over channels."""
+    a = torch.from_numpy(_as_float_array(image)).permute(2, 0, 1)[None]
+    b = torch.from_numpy(_as_float_array(reference)).permute(2, 0, 1)[None]
+    if a.shape != b.shape:
+        raise ValueError(f"Images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}.")
+    channels = a.shape[1]
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(channels, 1, 11, 11)
+
+    def blur(x):
+        return torch.nn.functional.conv2d(x, window, groups=channels)
+
+    c1, c2 = (0.01 * max_value) ** 2, (0.03 * max_value) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(index.mean())
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+def to_frame(rows: Iterable[Measurement | dict]):
+    """A pandas DataFrame with one row per measurement."""
+    import pandas as pd
+
+    return pd.DataFrame([asdict(r) if isinstance(r, Measurement) else dict(r) for r in rows])
+
+
+def save_rows(rows: Iterable[Measurement | dict], path: str | os.PathLike) -> Path:
+    """Save rows to `path`: JSON (a list of objects) or CSV, by the file suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [asdict(r) if isinstance(r, Measurement) else dict(r) for r in rows]
+    if path.suffix == ".json":
+        path.write_text(json.dumps(records, indent=2, default=_json_default) + "\n")
+    elif path.suffix == ".csv":
+        to_frame(records).to_csv(path, index=False)
+    else:
+        raise ValueError(f"Cannot save rows to {path.name}: use a .json or .csv file.")
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+def load_rows(path: str | os.PathLike) -> list[Measurement]:
+    """Read rows saved by `save_rows` (JSON) back into `Measurement` objects."""
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}). Re-run the benchmark that wrote it.") from error
+    known = {f.name for f in fields(Measurement)}
+    return [Measurement(**{k: v for k, v in r.items() if k in known}) for r in records]
+
+
+def results_dir() -> Path:
+    """The repository's `results/` folder, where GPU measurements are committed."""
+    return Path(os.environ.get("QUANTLAB_RESULTS") or Path(__file__).resolve().parent.parent / "results")
+
+
+def load_results(name: str):
+    """The committed GPU results `results/<name>.json` as a DataFrame."""
+    path = results_dir() / f"{name}.json"
+    if not path.exists():
+        available = ", ".join(sorted(p.stem for p in results_dir().glob("*.json"))) or "none"
+        raise FileNotFoundError(f"No committed results named {name!r} in {results_dir()}. Available: {available}.")
+    return to_frame(load_rows(path))
+
+
+def record(rows: Iterable[Measurement], chapter: str):
+    """Return the rows as a DataFrame, and when `$QUANTLAB_RUN_DIR` is set, also save them there.
+
+    `make course` sets that variable, then gathers every chapter's rows into one summary.
+    """
+    rows = list(rows)
+    run_dir = os.environ.get("QUANTLAB_RUN_DIR")
+    if run_dir:
+        save_rows(rows, Path(run_dir) / "measurements" / f"{chapter}.json")
+    return to_frame(rows)

@@ -1,0 +1,556 @@
+"""The models the course runs on, and how each one reaches `FluxPipeline.from_pretrained`.
+
+Four models are registered:
+
+- ``tiny``: a scaled-down FLUX.1-dev with random weights, built offline from configs and
+  saved once to a cache folder. It is the default, and it runs on a CPU in seconds.
+- ``flux-dev-shaped``: the real 12B FLUX.1-dev architecture (and real-shape T5-XXL and
+  CLIP-L) with random weights, generated on the GPU and saved to the cache, for measuring
+  memory and speed at full scale without a download.
+- ``black-forest-labs/FLUX.1-dev`` (gated) and ``black-forest-labs/FLUX.1-schnell``: the
+  real checkpoints on the Hugging Face Hub.
+
+Whatever the model, ``model_path`` returns something that ``from_pretrained`` accepts: a
+local folder or a Hub repo id. The loading code is the same for all four.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ModelSpec",
+    "ModelUnavailableError",
+    "MODELS",
+    "DEFAULT_MODEL",
+    "list_models",
+    "get_model",
+    "model_path",
+    "cache_dir",
+    "build_embedded_model",
+    "component_configs",
+    "component_param_counts",
+    "component_sizes_gib",
+    "linear_layers",
+    "COMPONENT_NAMES",
+]
+
+DEFAULT_MODEL = "tiny"
+GIB = 1024**3
+
+# The seven pieces of a FluxPipeline, in the order the pipeline's constructor takes them.
+COMPONENT_NAMES = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+MODEL_COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model cannot be loaded here: gated without a token, no network, or no suitable device."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs. The FLUX.1-dev values are those of the published checkpoint's config files; they are
+# embedded here so that sizes can be computed, and the full-scale model built, with no network.
+# ---------------------------------------------------------------------------------------------
+
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+FLUX_DEV_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "force_upcast": True,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+}
+CLIP_L_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 1,
+}
+T5_XXL_ENCODER = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "layer_norm_epsilon": 1e-6,
+    "is_encoder_decoder": False,
+    "use_cache": False,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+}
+FLUX_DEV_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+# The tiny model: FLUX.1-dev's shape, scaled down. Every Linear that FLUX.1-dev quantizes has
+# in and out features that are multiples of 256 (inner dim 2 x 128 = 256, MLP 1024, AdaLN 1536,
+# single-block proj_out 1280 -> 256), so int4 groups of 128, K-quant super-blocks of 256 and
+# bitsandbytes blocks all apply. The small layers keep their real widths: x_embedder takes 64
+# features (16 latent channels x 2 x 2 patches), the timestep and guidance embedders 256, and
+# proj_out returns 64.
+TINY_TRANSFORMER = {
+    **FLUX_DEV_TRANSFORMER,
+    "num_layers": 2,
+    "num_single_layers": 4,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 256,
+    "pooled_projection_dim": 256,
+}
+TINY_VAE = {**FLUX_DEV_VAE, "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1, "sample_size": 128}
+TINY_CLIP = {
+    **CLIP_L_TEXT,
+    "vocab_size": 1024,
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "projection_dim": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+TINY_T5 = {
+    **T5_XXL_ENCODER,
+    "vocab_size": 1024,
+    "d_model": 256,
+    "d_kv": 64,
+    "d_ff": 1024,
+    "num_layers": 4,
+    "num_heads": 4,
+}
+
+# The locally trained tokenizers have at most this many tokens; the embedding tables of the
+# full-scale model keep their real (larger) size, so every token id is valid for both.
+TOKENIZER_VOCAB_SIZE = 1024
+
+# Bump when the embedded build changes, so that old caches are not reused.
+EMBEDDED_BUILD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of the model registry: where the weights come from and how to call the pipeline."""
+
+    name: str
+    source: str  # "embedded" (built here, offline) or "hub" (downloaded)
+    description: str
+    configs: dict[str, dict[str, Any]]
+    gated: bool = False
+    needs_gpu: bool = False
+    height: int = 1024
+    width: int = 1024
+    steps: int = 50
+    guidance_scale: float = 3.5
+    max_sequence_length: int = 512
+
+    def call_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `FluxPipeline.__call__` that suit this model."""
+        return {
+            "height": self.height,
+            "width": self.width,
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "max_sequence_length": self.max_sequence_length,
+        }
+
+
+def _dev_configs(transformer: dict, scheduler: dict) -> dict[str, dict[str, Any]]:
+    return {
+        "transformer": transformer,
+        "text_encoder_2": T5_XXL_ENCODER,
+        "text_encoder": CLIP_L_TEXT,
+        "vae": FLUX_DEV_VAE,
+        "scheduler": scheduler,
+    }
+
+
+MODELS: dict[str, ModelSpec] = {
+    "tiny": ModelSpec(
+        name="tiny",
+        source="embedded",
+        description="FLUX.1-dev scaled down to about 17M parameters, random weights, built offline in seconds",
+        configs={
+            "transformer": TINY_TRANSFORMER,
+            "text_encoder_2": TINY_T5,
+            "text_encoder": TINY_CLIP,
+            "vae": TINY_VAE,
+            "scheduler": FLUX_DEV_SCHEDULER,
+        },
+        height=128,
+        width=128,
+        steps=4,
+        max_sequence_length=64,
+    ),
+    "flux-dev-shaped": ModelSpec(
+        name="flux-dev-shaped",
+        source="embedded",
+        description="the real 12B FLUX.1-dev architecture with random weights, generated on the GPU",
+        configs=_dev_configs(FLUX_DEV_TRANSFORMER, FLUX_DEV_SCHEDULER),
+        needs_gpu=True,
+    ),
+    "black-forest-labs/FLUX.1-dev": ModelSpec(
+        name="black-forest-labs/FLUX.1-dev",
+        source="hub",
+        description="FLUX.1-dev from the Hub (gated: accept the licence and log in)",
+        configs=_dev_configs(FLUX_DEV_TRANSFORMER, FLUX_DEV_SCHEDULER),
+        gated=True,
+    ),
+    "black-forest-labs/FLUX.1-schnell": ModelSpec(
+        name="black-forest-labs/FLUX.1-schnell",
+        source="hub",
+        description="FLUX.1-schnell from the Hub (no login needed), 4 steps, no guidance",
+        configs=_dev_configs(
+            {**FLUX_DEV_TRANSFORMER, "guidance_embeds": False},
+            {**FLUX_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False},
+        ),
+        steps=4,
+        guidance_scale=0.0,
+        max_sequence_length=256,
+    ),
+}
+
+
+def list_models() -> list[str]:
+    """Names of every registered model."""
+    return list(MODELS)
+
+
+def get_model(name: str | None = None) -> ModelSpec:
+    """The spec for `name`, or for `$QUANTLAB_MODEL`, or for the tiny model."""
+    name = name or os.environ.get("QUANTLAB_MODEL") or DEFAULT_MODEL
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}. Valid models: {', '.join(MODELS)}.")
+    return MODELS[name]
+
+
+def cache_dir() -> Path:
+    """Where embedded models are saved: `$QUANTLAB_CACHE`, else `~/.cache/quantlab`."""
+    return Path(os.environ.get("QUANTLAB_CACHE") or Path.home() / ".cache" / "quantlab")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes from configs, on the meta device: no weights are allocated.
+# ---------------------------------------------------------------------------------------------
+
+
+def _instantiate(component: str, config: dict[str, Any]) -> torch.nn.Module:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if component == "transformer":
+        return FluxTransformer2DModel.from_config(config)
+    if component == "vae":
+        return AutoencoderKL.from_config(config)
+    if component == "text_encoder":
+        return CLIPTextModel(CLIPTextConfig(**config))
+    if component == "text_encoder_2":
+        return T5EncoderModel(T5Config(**config))
+    raise ValueError(f"Unknown component {component!r}. Valid components: {', '.join(MODEL_COMPONENTS)}.")
+
+
+def component_configs(model: str | None = None) -> dict[str, dict[str, Any]]:
+    """The config of every component of `model`, as plain dicts."""
+    return {k: dict(v) for k, v in get_model(model).configs.items()}
+
+
+def component_param_counts(model: str | None = None) -> dict[str, int]:
+    """Parameter count of each model component, computed from its config on the meta device."""
+    counts = {}
+    for component in MODEL_COMPONENTS:
+        with torch.device("meta"):
+            module = _instantiate(component, get_model(model).configs[component])
+        counts[component] = sum(p.numel() for p in module.parameters())
+    return counts
+
+
+def component_sizes_gib(model: str | None = None, bits_per_weight: float = 16) -> dict[str, float]:
+    """Size of each component's weights in GiB at `bits_per_weight` (16 = bf16)."""
+    return {k: n * bits_per_weight / 8 / GIB for k, n in component_param_counts(model).items()}
+
+
+def linear_layers(module: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """Every `nn.Linear` inside `module`, by qualified name."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers, trained locally on a small embedded corpus so that nothing is downloaded.
+# ---------------------------------------------------------------------------------------------
+
+_CORPUS = """
+a photo of a cat sitting on a red chair in a sunny room
+a small red circle at the top left on a blue background
+a large green square in the middle on a white background
+a yellow triangle at the bottom right on a black background
+Baroque style, a lavish palace interior with ornate gilded ceilings, intricate tapestries,
+and dramatic lighting over a grand staircase.
+Futurist style, a dynamic spaceport with sleek silver starships docked at angular platforms,
+surrounded by distant planets and glowing energy lines.
+Noir style, a shadowy alleyway with flickering street lamps and a solitary trench-coated figure,
+framed by rain-soaked cobblestones and darkened storefronts.
+an astronaut riding a horse on the moon, digital art, highly detailed
+a watercolor painting of a lighthouse by the sea at sunset
+a bowl of fruit on a wooden table, oil painting, soft light
+a city skyline at night with neon signs and reflections in the rain
+a portrait of an old man with a beard, black and white photograph
+a mountain lake surrounded by pine trees in autumn, morning fog
+one two three four five six seven eight nine ten
+red orange yellow green blue purple pink brown grey white black
+circle square triangle star heart cross ring dot line
+top bottom left right middle center corner above below next to behind in front of
+"""
+
+
+def _corpus_lines() -> list[str]:
+    lines = [line.strip() for line in _CORPUS.strip().splitlines() if line.strip()]
+    return lines * 4
+
+
+def _build_tokenizers(clip_vocab_size: int, t5_vocab_size: int, clip_max_length: int, t5_max_length: int):
+    """A byte-level BPE CLIPTokenizer and a Unigram T5TokenizerFast, trained on the embedded corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    reference = CLIPTokenizer()._tokenizer  # CLIP's own normalizer and pre-tokenizer
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.normalizer = reference.normalizer
+    bpe.pre_tokenizer = reference.pre_tokenizer
+    bpe.train_from_iterator(
+        _corpus_lines(),
+        trainers.BpeTrainer(
+            vocab_size=clip_vocab_size,
+            end_of_word_suffix="</w>",
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=["<|startoftext|>", "<|endoftext|>"],
+            show_progress=False,
+        ),
+    )
+    bpe_model = json.loads(bpe.to_str())["model"]
+    clip_tokenizer = CLIPTokenizer(
+        vocab=bpe_model["vocab"],
+        merges=[tuple(m) for m in bpe_model["merges"]],
+        model_max_length=clip_max_length,
+    )
+
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.train_from_iterator(
+        _corpus_lines(),
+        trainers.UnigramTrainer(
+            vocab_size=t5_vocab_size,
+            special_tokens=["<pad>", "</s>", "<unk>"],
+            unk_token="<unk>",
+            show_progress=False,
+        ),
+    )
+    pieces = [tuple(p) for p in json.loads(unigram.to_str())["model"]["vocab"]]
+    t5_tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=t5_max_length)
+    return clip_tokenizer, t5_tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the embedded models.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Give every weight a deterministic random value shaped like a trained network's.
+
+    Linear and conv weights are drawn from N(0, 1/fan_in): the bell shape of trained weights,
+    which is what NF4 assumes. Embeddings and biases are small, and norm scales stay at 1.
+    """
+
+    def fill_(tensor: torch.Tensor, std: float) -> None:
+        noise = torch.randn(tensor.shape, generator=generator, device=generator.device, dtype=torch.float32)
+        tensor.copy_(noise * std)
+
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            fill_(m.weight, m.weight[0].numel() ** -0.5)
+            if m.bias is not None:
+                fill_(m.bias, 0.02)
+        elif isinstance(m, torch.nn.Embedding):
+            fill_(m.weight, 0.02)
+
+
+def _build_component(component: str, config: dict, device: str, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    generator = torch.Generator(device=device).manual_seed(seed + MODEL_COMPONENTS.index(component))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # allocate in the final dtype: the 12B model never exists in fp32
+    try:
+        with torch.device(device):
+            module = _instantiate(component, config)
+    finally:
+        torch.set_default_dtype(previous)
+    _randomize_(module, generator)
+    return module.eval()
+
+
+def build_embedded_model(name: str, path: str | os.PathLike, seed: int = 0, device: str | None = None) -> Path:
+    """Build embedded model `name` from its configs with random weights and save it as a FluxPipeline folder.
+
+    The folder is written under a temporary name and renamed at the end, so an interrupted
+    build leaves nothing half-written at `path`.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    spec = get_model(name)
+    if spec.source != "embedded":
+        raise ValueError(f"{name!r} is downloaded from the Hub, not built. Embedded models: {_embedded_names()}.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.needs_gpu and not device.startswith("cuda"):
+        raise ModelUnavailableError(
+            f"{name!r} is generated on a CUDA GPU (it holds 16.9B parameters, 34 GB in bf16), and this "
+            "machine has none. Use QUANTLAB_MODEL=tiny on a CPU."
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        clip_tokenizer, t5_tokenizer = _build_tokenizers(
+            clip_vocab_size=min(spec.configs["text_encoder"]["vocab_size"], TOKENIZER_VOCAB_SIZE),
+            t5_vocab_size=min(spec.configs["text_encoder_2"]["vocab_size"], TOKENIZER_VOCAB_SIZE),
+            clip_max_length=spec.configs["text_encoder"]["max_position_embeddings"],
+            t5_max_length=512,
+        )
+        clip_tokenizer.save_pretrained(staging / "tokenizer")
+        t5_tokenizer.save_pretrained(staging / "tokenizer_2")
+        FlowMatchEulerDiscreteScheduler.from_config(spec.configs["scheduler"]).save_pretrained(staging / "scheduler")
+        for component in MODEL_COMPONENTS:
+            module = _build_component(component, spec.configs[component], device, torch.bfloat16, seed)
+            module.save_pretrained(staging / component, max_shard_size="5GB")
+            del module
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        _write_model_index(staging)
+        (staging / "quantlab.json").write_text(
+            json.dumps({"model": name, "seed": seed, "build_version": EMBEDDED_BUILD_VERSION}, indent=2)
+        )
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_model_index(folder: Path) -> None:
+    import diffusers
+
+    index = {
+        "_class_name": "FluxPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _embedded_names() -> str:
+    return ", ".join(n for n, s in MODELS.items() if s.source == "embedded")
+
+
+def _embedded_path(name: str, seed: int) -> Path:
+    return cache_dir() / f"{name}-v{EMBEDDED_BUILD_VERSION}-seed{seed}"
+
+
+def model_path(name: str | None = None, seed: int = 0) -> str:
+    """What to pass to `from_pretrained` for `name`: a cached local folder, or a Hub repo id.
+
+    Embedded models are built on first use. Hub models are checked before anything is
+    downloaded: a gated model needs a token, and the Hub must be reachable unless the
+    model is already in the local Hugging Face cache.
+    """
+    spec = get_model(name)
+    if spec.source == "embedded":
+        path = _embedded_path(spec.name, seed)
+        if not (path / "model_index.json").exists():
+            build_embedded_model(spec.name, path, seed=seed)
+        return str(path)
+    return check_hub_access(spec)
+
+
+def check_hub_access(spec: ModelSpec) -> str:
+    """Return `spec.name` if it can be loaded here, else raise `ModelUnavailableError` saying what to do."""
+    from huggingface_hub import auth_check, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+
+    instead = "Use black-forest-labs/FLUX.1-schnell (no login needed) or QUANTLAB_MODEL=tiny (offline)."
+    try:
+        snapshot_download(spec.name, local_files_only=True)
+        return spec.name  # already downloaded: loads offline
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    if offline:
+        raise ModelUnavailableError(
+            f"{spec.name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it cannot be "
+            f"downloaded. Unset HF_HUB_OFFLINE on a machine with network, or use QUANTLAB_MODEL=tiny."
+        )
+    try:
+        auth_check(spec.name)
+    except GatedRepoError as error:
+        raise ModelUnavailableError(
+            f"{spec.name} is gated and this machine has no token with access to it. Accept the licence on "
+            f"its Hub page, then run `hf auth login` (or set HF_TOKEN). {instead}"
+        ) from error
+    except HfHubHTTPError as error:
+        raise ModelUnavailableError(f"The Hub refused {spec.name}: {error}. {instead}") from error
+    except Exception as error:  # connection refused, DNS failure, timeout: no network
+        raise ModelUnavailableError(
+            f"Cannot reach the Hugging Face Hub to download {spec.name} ({type(error).__name__}). "
+            "Check the network, or use QUANTLAB_MODEL=tiny, which is built offline."
+        ) from error
+    return spec.name

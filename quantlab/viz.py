@@ -1,0 +1,142 @@
+"""Pictures: image grids with captions, side-by-side comparisons, bar charts and an image flipper."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["image_grid", "side_by_side", "bar_chart", "memory_time_bars", "ImageFlipper", "image_flipper"]
+
+
+def _figure(nrows: int, ncols: int, cell_inches: float = 3.0):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell_inches * ncols, cell_inches * nrows + 0.3), squeeze=False)
+    return fig, axes
+
+
+def image_grid(images: Sequence, captions: Sequence[str] | None = None, ncols: int | None = None,
+               title: str | None = None, cell_inches: float = 3.0):
+    """A matplotlib figure with `images` in a grid, each captioned below its title line."""
+    if not images:
+        raise ValueError("image_grid needs at least one image.")
+    if captions is not None and len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions.")
+    ncols = ncols or min(len(images), 4)
+    nrows = -(-len(images) // ncols)
+    fig, axes = _figure(nrows, ncols, cell_inches)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(np.asarray(images[i]))
+            if captions is not None:
+                ax.set_title(captions[i], fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def side_by_side(left, right, left_caption: str = "reference", right_caption: str = "quantized",
+                 show_difference: bool = True):
+    """Two images next to each other, and optionally their absolute difference (amplified x4)."""
+    images = [left, right]
+    captions = [left_caption, right_caption]
+    if show_difference:
+        diff = np.abs(np.asarray(left, dtype=np.int16) - np.asarray(right, dtype=np.int16))
+        images.append(np.clip(diff * 4, 0, 255).astype(np.uint8))
+        captions.append("|difference| x4")
+    return image_grid(images, captions, ncols=len(images))
+
+
+def bar_chart(frame, value: str, label: str = "recipe", title: str | None = None, reference: float | None = None,
+              reference_label: str = "reference"):
+    """A horizontal bar chart of column `value` for each row, labelled by column `label`."""
+    import matplotlib.pyplot as plt
+
+    if value not in frame.columns:
+        raise ValueError(f"No column {value!r}. Columns: {', '.join(frame.columns)}.")
+    data = frame[[label, value]].dropna()
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(data) + 1.2))
+    bars = ax.barh(data[label].astype(str), data[value])
+    ax.bar_label(bars, fmt="%.3g", padding=3, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(value)
+    if reference is not None:
+        ax.axvline(reference, color="black", linestyle="--", linewidth=1)
+        ax.text(reference, -0.6, f" {reference_label}", fontsize=8, va="bottom")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def memory_time_bars(frame, label: str = "recipe", memory: str = "mem_after_load_gib", time: str = "s_per_image",
+                     title: str | None = None):
+    """Memory and time side by side, one bar per row of `frame`."""
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in (memory, "peak_gpu_mem_gib", time) if c in frame.columns and frame[c].notna().any()]
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 0.45 * len(frame) + 1.4), squeeze=False)
+    for ax, column in zip(axes.flat, columns):
+        data = frame[[label, column]].dropna()
+        bars = ax.barh(data[label].astype(str), data[column])
+        ax.bar_label(bars, fmt="%.3g", padding=3, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(column)
+    for ax in axes.flat[1:]:
+        ax.set_yticklabels([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+class ImageFlipper:
+    """An ipywidgets widget that flips between images: a slider and buttons choose which one shows."""
+
+    def __init__(self, images: Sequence, captions: Sequence[str]):
+        import io
+
+        import ipywidgets as widgets
+        from PIL import Image
+
+        if len(images) != len(captions) or not images:
+            raise ValueError(f"ImageFlipper needs as many captions as images, at least one: {len(images)} vs "
+                             f"{len(captions)}.")
+        self.captions = list(captions)
+        self._png = []
+        for image in images:
+            buffer = io.BytesIO()
+            Image.fromarray(np.asarray(image)).save(buffer, format="PNG")
+            self._png.append(buffer.getvalue())
+        self.image = widgets.Image(value=self._png[0], format="png", width=384)
+        self.label = widgets.Label(value=self.captions[0])
+        self.selector = widgets.ToggleButtons(options=list(range(len(images))), value=0,
+                                              description="image", style={"button_width": "40px"})
+        self.selector.observe(lambda change: self.show(change["new"]), names="value")
+        self.widget = widgets.VBox([self.selector, self.label, self.image])
+
+    @property
+    def index(self) -> int:
+        """Which image is showing."""
+        return self.selector.value
+
+    def show(self, index: int) -> None:
+        """Show image `index`."""
+        if self.selector.value != index:
+            self.selector.value = index  # fires the observer, which comes back here
+            return
+        self.image.value = self._png[index]
+        self.label.value = self.captions[index]
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def image_flipper(images: Sequence, captions: Sequence[str]) -> ImageFlipper:
+    """A widget that flips between `images`; display it as the last expression of a cell."""
+    return ImageFlipper(images, captions)
