@@ -4,7 +4,9 @@ Notebooks import it as ``import quantlab as ql`` and call ``ql.models``, ``ql.re
 ``ql.measure``, ``ql.viz`` and ``ql.env``; the most used functions are also here at the top.
 """
 
-from . import bench, env, measure, models, recipes, viz
+import importlib
+
+from . import env, measure, models, recipes, viz
 from .env import report
 from .models import ModelUnavailableError, get_model, list_models, model_path
 from .recipes import UnsupportedHardwareError, check_runs_here, get_recipe, list_recipes, load_pipeline
@@ -13,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "bench",
+    "course",
     "env",
     "measure",
     "models",
@@ -29,3 +32,11 @@ __all__ = [
     "list_recipes",
     "load_pipeline",
 ]
+
+
+def __getattr__(name: str):
+    # `ql.bench` and `ql.course` are command-line modules too (`python -m quantlab.bench`), so they
+    # are imported on first use rather than with the package.
+    if name in ("bench", "course"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'quantlab' has no attribute {name!r}")

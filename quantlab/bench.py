@@ -48,6 +48,7 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
     measure.reset_peak_gpu_memory(device)
     with measure.track_peak_host_rss() as host:
         pipe = recipes.load_pipeline(spec.name, recipe, device=device, seed=seed, **load_kwargs)
+    pipe.set_progress_bar_config(disable=True)  # a benchmark log wants one line per recipe
     mem_after_load = measure.memory_after_load_gib(pipe, device)
     reserved_during_load = measure.peak_gpu_memory_gib(device)
     weights = sum(measure.component_weights_bytes(pipe).values())

@@ -548,9 +548,19 @@ def check_hub_access(spec: ModelSpec) -> str:
         ) from error
     except HfHubHTTPError as error:
         raise ModelUnavailableError(f"The Hub refused {spec.name}: {error}. {instead}") from error
-    except Exception as error:  # connection refused, DNS failure, timeout: no network
+    except Exception as error:
+        if not _is_network_error(error):
+            raise
         raise ModelUnavailableError(
             f"Cannot reach the Hugging Face Hub to download {spec.name} ({type(error).__name__}). "
             "Check the network, or use QUANTLAB_MODEL=tiny, which is built offline."
         ) from error
     return spec.name
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """True for a refused connection, a failed DNS lookup or a timeout, whichever HTTP client raised it."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return isinstance(error, (OSError, TimeoutError)) or bool(
+        names & {"ConnectError", "NetworkError", "TransportError", "TimeoutException", "ConnectionError"}
+    )
