@@ -320,11 +320,13 @@ def place_pipeline(pipe, device: str, offload: str | None = None):
     """Put `pipe` on `device`, whole (`offload=None`) or with one of `OFFLOAD_MODES`."""
     if offload is None:
         return pipe.to(device)
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"Unknown offload mode {offload!r}. Valid modes: {', '.join(OFFLOAD_MODES)}.")
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
-    elif offload.startswith("group-"):
+    else:
         level = "block_level" if offload == "group-block" else "leaf_level"
         extra = {"num_blocks_per_group": 1} if level == "block_level" else {}
         pipe.enable_group_offload(
@@ -334,8 +336,6 @@ def place_pipeline(pipe, device: str, offload: str | None = None):
             use_stream=offload.endswith("-stream"),
             **extra,
         )
-    else:
-        raise ValueError(f"Unknown offload mode {offload!r}. Valid modes: {', '.join(OFFLOAD_MODES)}.")
     return pipe
 
 
@@ -363,13 +363,12 @@ def load_pipeline(model: str | None = None, recipe: str | Recipe = "bf16", *, de
             f"Recipe {recipe.name!r} loads a GGUF file: pass gguf_file=<path to a {recipe.gguf_type} .gguf>. "
             "Chapter 02 writes one from any FluxTransformer2DModel."
         )
+    if recipe.gguf_type and not Path(gguf_file).is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_file} does not exist. Write it first (chapter 02).")
     path = models.model_path(spec.name, seed=seed)
 
     components = {}
     if recipe.gguf_type:
-        gguf_file = Path(gguf_file)
-        if not gguf_file.is_file():
-            raise FileNotFoundError(f"GGUF file {gguf_file} does not exist. Write it first (chapter 02).")
         components["transformer"] = FluxTransformer2DModel.from_single_file(
             str(gguf_file), quantization_config=recipe.gguf_config(dtype), config=path, subfolder="transformer",
             dtype=dtype,

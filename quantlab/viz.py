@@ -50,18 +50,29 @@ def side_by_side(left, right, left_caption: str = "reference", right_caption: st
     return image_grid(images, captions, ncols=len(images))
 
 
+def _check_columns(frame, *columns: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"No column {missing[0]!r}. Columns: {', '.join(frame.columns)}.")
+
+
+def _barh(ax, labels, values) -> None:
+    """Horizontal bars, first row on top, each labelled with its value; a missing value leaves a gap."""
+    values = np.asarray(values, dtype=float)
+    bars = ax.barh(range(len(values)), np.nan_to_num(values, nan=0.0))
+    ax.bar_label(bars, labels=["n/a" if np.isnan(v) else f"{v:.3g}" for v in values], padding=3, fontsize=8)
+    ax.set_yticks(range(len(values)), [str(label) for label in labels])
+    ax.invert_yaxis()
+
+
 def bar_chart(frame, value: str, label: str = "recipe", title: str | None = None, reference: float | None = None,
               reference_label: str = "reference"):
     """A horizontal bar chart of column `value` for each row, labelled by column `label`."""
     import matplotlib.pyplot as plt
 
-    if value not in frame.columns:
-        raise ValueError(f"No column {value!r}. Columns: {', '.join(frame.columns)}.")
-    data = frame[[label, value]].dropna()
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(data) + 1.2))
-    bars = ax.barh(data[label].astype(str), data[value])
-    ax.bar_label(bars, fmt="%.3g", padding=3, fontsize=8)
-    ax.invert_yaxis()
+    _check_columns(frame, label, value)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(frame) + 1.2))
+    _barh(ax, frame[label], frame[value])
     ax.set_xlabel(value)
     if reference is not None:
         ax.axvline(reference, color="black", linestyle="--", linewidth=1)
@@ -74,19 +85,17 @@ def bar_chart(frame, value: str, label: str = "recipe", title: str | None = None
 
 def memory_time_bars(frame, label: str = "recipe", memory: str = "mem_after_load_gib", time: str = "s_per_image",
                      title: str | None = None):
-    """Memory and time side by side, one bar per row of `frame`."""
+    """Memory and time side by side, one bar per row of `frame`, rows aligned across the panels."""
     import matplotlib.pyplot as plt
 
+    _check_columns(frame, label)
     columns = [c for c in (memory, "peak_gpu_mem_gib", time) if c in frame.columns and frame[c].notna().any()]
+    if not columns:
+        raise ValueError(f"Nothing to draw: {memory}, peak_gpu_mem_gib and {time} are all missing or empty.")
     fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 0.45 * len(frame) + 1.4), squeeze=False)
-    for ax, column in zip(axes.flat, columns):
-        data = frame[[label, column]].dropna()
-        bars = ax.barh(data[label].astype(str), data[column])
-        ax.bar_label(bars, fmt="%.3g", padding=3, fontsize=8)
-        ax.invert_yaxis()
+    for i, (ax, column) in enumerate(zip(axes.flat, columns)):
+        _barh(ax, frame[label] if i == 0 else [""] * len(frame), frame[column])
         ax.set_xlabel(column)
-    for ax in axes.flat[1:]:
-        ax.set_yticklabels([])
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -124,11 +124,11 @@ def test_report_text_and_markdown():
 
 def test_report_rows_for_a_t4():
     report = env.EnvReport(python="3.11.0", platform="Linux", versions={"torch": "2.9.0"}, device=T4,
-                           host_total_gib=None, host_available_gib=12.25)
+                           host_total_gib=None, host_available_gib=12.34)
     rows = dict(report.rows())
     assert rows["device"] == "Tesla T4 (cc 7.5)"
     assert rows["bf16"] == "no"
     assert rows["fp8 (cc >= 8.9)"] == "no"
     assert rows["device memory free / total"] == "n/a / n/a"
-    assert rows["host RAM available / total"] == "12.2 GiB / n/a"
+    assert rows["host RAM available / total"] == "12.3 GiB / n/a"
     assert report.as_dict()["device"]["compute_capability"] == (7, 5)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
@@ -284,8 +282,6 @@ def test_load_pipeline_gguf_missing_file(tiny_path, tmp_path):
         ql.load_pipeline("tiny", "gguf-q4_0", device="cpu", gguf_file=missing)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: load_pipeline checks that gguf_file exists only after "
-                   "models.model_path(), which builds embedded models (or checks the Hub) first")
 def test_load_pipeline_gguf_missing_file_fails_before_loading(no_loading, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
         ql.load_pipeline("tiny", "gguf-q4_0", device="cpu", gguf_file=tmp_path / "missing.gguf")
@@ -387,8 +383,6 @@ def test_place_pipeline_unknown_mode_lists_modes():
     assert pipe.calls == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: place_pipeline accepts any mode starting with 'group-' "
-                   "(e.g. 'group-bogus' silently becomes leaf-level offload) instead of raising ValueError")
 def test_place_pipeline_rejects_unknown_group_mode():
     pipe = _RecordingPipe()
     with pytest.raises(ValueError, match="Unknown offload mode"):

@@ -53,7 +53,7 @@ def test_image_grid_layout_titles_and_pixels():
     assert not axes[5].axison
     # rows and columns: 2 x 3
     assert axes[0].get_subplotspec().get_gridspec().get_geometry() == (2, 3)
-    assert fig._suptitle.get_text() == "five"
+    assert fig.get_suptitle() == "five"
 
 
 def test_image_grid_default_columns_is_at_most_four():
@@ -118,12 +118,13 @@ def _bars(ax) -> dict[float, float]:
     return {float(p.get_y() + p.get_height() / 2): float(p.get_width()) for p in ax.patches}
 
 
-def test_bar_chart_one_bar_per_non_missing_row():
+def test_bar_chart_one_bar_per_row_and_missing_values_marked():
     fig = viz.bar_chart(_frame(), "mem_after_load_gib", title="memory")
     ax = fig.axes[0]
-    assert len(ax.patches) == 3  # the NaN row is dropped
-    assert sorted(_bars(ax).values()) == [9.8, 17.1, 33.2]
-    assert [t.get_text() for t in ax.get_yticklabels()] == ["bf16", "quanto-int8", "bnb-4bit-nf4"]
+    assert len(ax.patches) == 4  # every row keeps its place; the missing one is an empty bar
+    assert [p.get_width() for p in ax.patches] == [33.2, 17.1, 0.0, 9.8]
+    assert [t.get_text() for t in ax.texts] == ["33.2", "17.1", "n/a", "9.8"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["bf16", "quanto-int8", "torchao-int8wo", "bnb-4bit-nf4"]
     assert ax.get_xlabel() == "mem_after_load_gib"
     assert ax.get_title() == "memory"
     assert ax.yaxis_inverted()  # first row on top
@@ -159,9 +160,9 @@ def test_memory_time_bars_one_subplot_per_non_empty_column():
     fig = viz.memory_time_bars(_frame(), title="cost")
     assert len(fig.axes) == 2  # peak_gpu_mem_gib is all NaN: no subplot
     assert [ax.get_xlabel() for ax in fig.axes] == ["mem_after_load_gib", "s_per_image"]
-    assert len(fig.axes[0].patches) == 3
-    assert len(fig.axes[1].patches) == 4
-    assert fig._suptitle.get_text() == "cost"
+    assert len(fig.axes[0].patches) == len(fig.axes[1].patches) == 4  # one place per row in every panel
+    assert [t.get_text() for t in fig.axes[0].texts][2] == "n/a"
+    assert fig.get_suptitle() == "cost"
 
 
 def test_memory_time_bars_three_columns():
@@ -174,8 +175,6 @@ def test_memory_time_bars_three_columns():
     assert not any(t.get_visible() and t.get_text() for ax in fig.axes[1:] for t in ax.get_yticklabels())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: memory_time_bars drops NaN rows per column and hides the y labels of "
-                   "the 2nd/3rd subplots, so after a missing value the bars shift up beside the wrong recipe")
 def test_memory_time_bars_bars_stay_beside_their_row_when_a_value_is_missing():
     frame = pd.DataFrame({
         "recipe": ["A", "B", "C"],
@@ -187,8 +186,9 @@ def test_memory_time_bars_bars_stay_beside_their_row_when_a_value_is_missing():
     labelled = fig.axes[0]
     rows = {t.get_text(): t.get_position()[1] for t in labelled.get_yticklabels()}  # recipe -> y of its label
     assert _bars(labelled) == {rows["A"]: 1.0, rows["B"]: 2.0, rows["C"]: 3.0}
-    # C's peak must be drawn at C's height (beside C's label), not at B's
-    assert _bars(fig.axes[1]) == {rows["A"]: 1.0, rows["C"]: 3.0}
+    # C's peak must be drawn at C's height (beside C's label), not at B's; B's place is empty
+    assert _bars(fig.axes[1]) == {rows["A"]: 1.0, rows["B"]: 0.0, rows["C"]: 3.0}
+    assert [t.get_text() for t in fig.axes[1].texts] == ["1", "n/a", "3"]
 
 
 # --- image_flipper ------------------------------------------------------------------------------
