@@ -6,7 +6,7 @@ Notebooks import it as ``import quantlab as ql`` and call ``ql.models``, ``ql.re
 
 import importlib
 
-from . import env, measure, models, recipes, viz
+from . import bnb, env, measure, models, recipes, viz
 from .env import report
 from .models import ModelUnavailableError, get_model, list_models, model_path
 from .recipes import UnsupportedHardwareError, check_runs_here, get_recipe, list_recipes, load_pipeline
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "bench",
+    "bnb",
     "course",
     "env",
     "measure",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,10 +36,14 @@ class RecipeRun:
 def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = DEFAULT_PROMPT,
                height: int | None = None, width: int | None = None, steps: int | None = None, seed: int = 0,
                warmup: int = 1, warmup_steps: int | None = None, repeats: int = 3, reference_image=None,
-               device: str | None = None, keep_pipeline: bool = False, **load_kwargs) -> RecipeRun:
+               device: str | None = None, keep_pipeline: bool = False, compile: bool = False,
+               fullgraph: bool = False, **load_kwargs) -> RecipeRun:
     """Load `model` with `recipe`, then measure memory after loading, peak memory, time and image error.
 
     The warm-up images use `warmup_steps` denoising steps (default: `steps`); the timed ones use `steps`.
+    With `compile=True` the transformer is then compiled (`transformer.compile(fullgraph=...)`) and
+    timed again: the row's times are the compiled ones, and `extra` holds the eager times and the
+    compile time (the first compiled image minus a compiled image).
     """
     spec = models.get_model(model)
     device = device or env.default_device()
@@ -81,6 +86,8 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
             "peak_host_rss_method": host.method,
         },
     )
+    if compile:
+        _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, row)
     if reference_image is not None:
         row.psnr_db = measure.psnr_db(timing.image, reference_image)
         row.ssim = measure.ssim(timing.image, reference_image)
@@ -91,6 +98,29 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return RecipeRun(row, timing.image, pipe)
+
+
+def _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, row) -> None:
+    row.extra.update(eager_ms_per_step=row.ms_per_step, eager_s_per_image=row.s_per_image, fullgraph=fullgraph)
+    # bitsandbytes' 8-bit matmul returns a data-dependent number of outlier columns
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    try:
+        pipe.transformer.compile(fullgraph=fullgraph)
+        measure.synchronize(device)
+        start = time.perf_counter()
+        pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **call)
+        measure.synchronize(device)
+        first_image_s = time.perf_counter() - start
+        timing = measure.time_generation(pipe, prompt, call, seed=seed, warmup=0, repeats=repeats, device=device)
+    except Exception as error:  # a backend that cannot be compiled here: record why, keep the eager row
+        row.extra["compile_error"] = f"{type(error).__name__}: {error}"[:1000]
+        return
+    row.recipe = f"{row.recipe}+compile"
+    row.ms_per_step = timing.per_step.median_s * 1000
+    row.ms_per_step_iqr = timing.per_step.iqr_s * 1000
+    row.s_per_image = timing.per_image.median_s
+    row.s_per_image_iqr = timing.per_image.iqr_s
+    row.extra.update(first_compiled_image_s=first_image_s, compile_s=first_image_s - timing.per_image.median_s)
 
 
 def run_recipes(model: str | None, recipe_names: list[str], **kwargs) -> list[RecipeRun]:
@@ -127,12 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--notes", default="", help="a line stored with every row")
+    parser.add_argument("--compile", action="store_true", help="also compile the transformer and time it again")
+    parser.add_argument("--fullgraph", action="store_true", help="compile with fullgraph=True")
     args = parser.parse_args(argv)
     for name in args.recipes:
         recipes.get_recipe(name)  # every name checked before the first (long) load
     print(env.report(), flush=True)
     runs = run_recipes(args.model, args.recipes, prompt=args.prompt, height=args.height, width=args.width,
-                       steps=args.steps, warmup_steps=args.warmup_steps, repeats=args.repeats)
+                       steps=args.steps, warmup_steps=args.warmup_steps, repeats=args.repeats,
+                       compile=args.compile, fullgraph=args.fullgraph)
     rows = [run.row for run in runs]
     for row in rows:
         row.notes = args.notes

@@ -38,11 +38,16 @@ __all__ = [
     "tensor_storage_bytes",
     "weights_bytes",
     "component_weights_bytes",
+    "folder_bytes",
     "synchronize",
     "time_callable",
     "time_generation",
     "psnr_db",
     "ssim",
+    "sqnr_db",
+    "relative_error",
+    "capture_transformer_inputs",
+    "capture_linear_inputs",
     "to_frame",
     "save_rows",
     "load_rows",
@@ -143,6 +148,11 @@ def weights_bytes(module: torch.nn.Module) -> int:
 def component_weights_bytes(pipe) -> dict[str, int]:
     """`weights_bytes` of every `nn.Module` component of a pipeline."""
     return {name: weights_bytes(c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    """Total size of the files under `path`, in bytes: a checkpoint's size on disk."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def _device_type(device: str | torch.device | None) -> str:
@@ -379,6 +389,72 @@ def ssim(image, reference, max_value: float = 255.0) -> float:
     cov = blur(a * b) - mu_a * mu_b
     index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return float(index.mean())
+
+
+def sqnr_db(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of `output` against `reference`, in dB (inf when equal)."""
+    ref = reference.detach().double().cpu()
+    noise = (output.detach().double().cpu() - ref).pow(2).sum()
+    return float("inf") if noise == 0 else float(10 * torch.log10(ref.pow(2).sum() / noise))
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """||output - reference|| / ||reference||, computed in float64."""
+    ref = reference.detach().double().cpu()
+    return float((output.detach().double().cpu() - ref).norm() / ref.norm())
+
+
+class _StopAfterCapture(Exception):
+    pass
+
+
+def capture_transformer_inputs(pipe, prompt: str, call_kwargs: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """The keyword arguments of the pipeline's first transformer call: real latents, text embeddings, ids.
+
+    The pipeline stops right there, so this costs a prompt encoding, not a generation. Feed the
+    result to any transformer with `transformer(**inputs)` to compare outputs on identical inputs.
+    """
+    captured: dict[str, Any] = {}
+
+    def hook(module, args, kwargs):
+        captured.update({k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        raise _StopAfterCapture
+
+    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **call_kwargs)
+    except _StopAfterCapture:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError("The pipeline never called its transformer, so there was nothing to capture.")
+    captured["return_dict"] = False
+    return captured
+
+
+def capture_linear_inputs(model: torch.nn.Module, run: Callable[[], Any],
+                          names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The input of each `nn.Linear` in `model` (or of those in `names`) during `run()`, copied to the CPU.
+
+    Only the first call of each layer is kept.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if names is not None:
+        layers = {n: layers[n] for n in names}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, layer in layers.items():
+        def hook(module, args, name=name):
+            inputs.setdefault(name, args[0].detach().to("cpu", copy=True))
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
 
 
 # --- results ----------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ __all__ = [
     "cache_dir",
     "build_embedded_model",
     "component_configs",
+    "meta_component",
     "component_param_counts",
     "component_sizes_gib",
     "linear_layers",
@@ -298,14 +299,15 @@ def component_configs(model: str | None = None) -> dict[str, dict[str, Any]]:
     return {k: dict(v) for k, v in get_model(model).configs.items()}
 
 
+def meta_component(model: str | None, component: str) -> torch.nn.Module:
+    """`component` of `model` built from its config on the meta device: real structure, no memory."""
+    with torch.device("meta"):
+        return _instantiate(component, get_model(model).configs[component])
+
+
 def component_param_counts(model: str | None = None) -> dict[str, int]:
     """Parameter count of each model component, computed from its config on the meta device."""
-    counts = {}
-    for component in MODEL_COMPONENTS:
-        with torch.device("meta"):
-            module = _instantiate(component, get_model(model).configs[component])
-        counts[component] = sum(p.numel() for p in module.parameters())
-    return counts
+    return {c: sum(p.numel() for p in meta_component(model, c).parameters()) for c in MODEL_COMPONENTS}
 
 
 def component_sizes_gib(model: str | None = None, bits_per_weight: float = 16) -> dict[str, float]:

@@ -257,9 +257,9 @@ def _build_registry() -> dict[str, Recipe]:
         *(_quanto_recipe(w) for w in ("int2", "int4", "int8", "float8")),
         *(Recipe(f"gguf-{t.lower()}", "gguf", f"GGUF {t} transformer loaded with from_single_file", gguf_type=t)
           for t in GGUF_TYPES),
-        Recipe("fp8-layerwise-e4m3", "layerwise", "transformer stored in float8_e4m3fn, computed in bf16/fp16",
+        Recipe("fp8-layerwise-e4m3", "layerwise", "transformer weights stored in float8_e4m3fn and computed in bf16/fp16; diffusers skips norms, embeddings and proj_out by default",
                layerwise_storage_dtype=torch.float8_e4m3fn),
-        Recipe("fp8-layerwise-e5m2", "layerwise", "transformer stored in float8_e5m2, computed in bf16/fp16",
+        Recipe("fp8-layerwise-e5m2", "layerwise", "transformer weights stored in float8_e5m2 and computed in bf16/fp16; diffusers skips norms, embeddings and proj_out by default",
                layerwise_storage_dtype=torch.float8_e5m2),
     ]
     registry = {r.name: r for r in base}

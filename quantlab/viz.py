@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["image_grid", "side_by_side", "bar_chart", "memory_time_bars", "ImageFlipper", "image_flipper"]
+__all__ = ["image_grid", "side_by_side", "bar_chart", "memory_time_bars", "histogram", "ImageFlipper", "image_flipper"]
 
 
 def _figure(nrows: int, ncols: int, cell_inches: float = 3.0):
@@ -98,6 +98,28 @@ def memory_time_bars(frame, label: str = "recipe", memory: str = "mem_after_load
         ax.set_xlabel(column)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def histogram(values, markers: dict[str, Sequence[float]] | None = None, bins: int = 120, log: bool = False,
+              title: str | None = None, xlabel: str = "value"):
+    """A histogram of `values`, with each named set of `markers` drawn as vertical lines of one colour."""
+    import matplotlib.pyplot as plt
+
+    data = np.asarray(values.detach().float().cpu() if hasattr(values, "detach") else values, dtype=float).ravel()
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    ax.hist(data, bins=bins, color="0.7", log=log)
+    for i, (label, xs) in enumerate((markers or {}).items()):
+        colour = f"C{i}"
+        for j, x in enumerate(np.atleast_1d(np.asarray(xs, dtype=float))):
+            ax.axvline(x, color=colour, linewidth=1, alpha=0.9, label=label if j == 0 else None)
+    if markers:
+        ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     return fig
 

@@ -87,8 +87,8 @@ def test_tiny_transformer_is_shaped_like_flux_dev(tiny_pipe):
     assert odd == {}
     assert len(transformer.transformer_blocks) == 2 and len(transformer.single_transformer_blocks) == 4
     # the same Linear layer names as FLUX.1-dev, so skip lists written for one apply to the other
-    with torch.device("meta"):
-        dev = models._instantiate("transformer", models.FLUX_DEV_TRANSFORMER)
+    dev = models.meta_component("black-forest-labs/FLUX.1-dev", "transformer")
+    assert next(dev.parameters()).device.type == "meta"
     dev_names = {n.split(".", 2)[-1] if n[0].isalpha() and ".0." in n else n for n in models.linear_layers(dev)}
     tiny_names = {n.split(".", 2)[-1] if n[0].isalpha() and ".0." in n else n for n in linears}
     assert tiny_names <= dev_names
