@@ -60,7 +60,11 @@ def quantize_modules(model: torch.nn.Module, config, device: str = "cpu") -> tor
     if not (config.load_in_8bit or config.load_in_4bit):
         raise ValueError("The BitsAndBytesConfig quantizes nothing: set load_in_8bit=True or load_in_4bit=True.")
     originals = {name: p.detach().to("cpu") for name, p in model.named_parameters()}
+    was_training = model.training
     replace_with_bnb_linear(model, modules_to_not_convert=_skip_list(config), quantization_config=config)
+    # the new layers start in training mode, and bitsandbytes' 8-bit layer in training mode skips
+    # int8 activations altogether; put them in the model's mode, as diffusers' loader does
+    model.train(was_training)
     for name, module in model.named_modules():
         if not isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
             continue
@@ -71,6 +75,13 @@ def quantize_modules(model: torch.nn.Module, config, device: str = "cpu") -> tor
         module._parameters["weight"] = cls(originals[f"{name}.weight"], requires_grad=False, **old.__dict__).to(device)
         if module.bias is not None:
             module._parameters["bias"] = torch.nn.Parameter(originals[f"{name}.bias"].to(device), requires_grad=False)
+        if isinstance(module, bnb.nn.Linear4bit):
+            # Keep the layout that CUDA uses. On a CPU with AVX512-BF16, bitsandbytes 0.50.2 would
+            # repack each 4-bit weight at its first forward pass and expand nested scales back to
+            # fp32, so double quantization would save nothing at run time; and the inverse it
+            # applies before saving or dequantizing leaves non-nested scales transposed, so
+            # dequantize() would return wrong weights. The arithmetic is the same either way.
+            module.support_avx512bf16_for_cpu = False
     model.to(device)  # the parameters that stayed unquantized
     model.quantlab_bnb_config = config
     return model
