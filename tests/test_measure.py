@@ -468,3 +468,47 @@ def test_record_without_run_dir_writes_nothing(tmp_path, monkeypatch):
     frame = record(_rows(), "03_torchao")
     assert len(frame) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+# --- error measures, captured inputs, folder size (added with chapter 01) -----------------------
+
+
+def test_sqnr_and_relative_error_known_values():
+    reference = torch.tensor([3.0, 4.0])  # norm 5
+    noisy = reference + torch.tensor([0.3, 0.4])  # error norm 0.5: 10% relative, 20 dB
+    assert measure.relative_error(noisy, reference) == pytest.approx(0.1)
+    assert measure.sqnr_db(noisy, reference) == pytest.approx(20.0)
+    assert measure.sqnr_db(reference, reference) == float("inf")
+
+
+def test_capture_transformer_inputs_stops_at_the_first_call(tiny_pipe):
+    calls = []
+    handle = tiny_pipe.transformer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        call = {**ql.get_model("tiny").call_kwargs(), "num_inference_steps": 3}
+        inputs = measure.capture_transformer_inputs(tiny_pipe, "a red circle", call)
+    finally:
+        handle.remove()
+    assert calls == []  # stopped before the transformer ran
+    assert inputs["hidden_states"].shape == (1, 64, 64)  # 128x128 pixels -> 8x8 packed latents of 64 channels
+    assert inputs["encoder_hidden_states"].shape == (1, 64, 256)
+    assert inputs["return_dict"] is False
+    with torch.no_grad():
+        assert tiny_pipe.transformer(**inputs)[0].shape == (1, 64, 64)
+
+
+def test_capture_linear_inputs_keeps_each_layers_first_input():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    x = torch.randn(5, 4)
+    captured = measure.capture_linear_inputs(model, lambda: (model(x), model(x + 1)))
+    assert set(captured) == {"0", "2"}
+    assert torch.equal(captured["0"], x)
+    assert torch.equal(captured["2"], torch.relu(model[0](x)).detach())
+    assert set(measure.capture_linear_inputs(model, lambda: model(x), names=["2"])) == {"2"}
+
+
+def test_folder_bytes_adds_nested_files(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.bin").write_bytes(b"\0" * 1000)
+    (tmp_path / "y.json").write_text("12345")
+    assert measure.folder_bytes(tmp_path) == 1005

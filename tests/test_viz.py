@@ -231,3 +231,13 @@ def test_image_flipper_mismatched_captions_raise():
         viz.image_flipper(_images(2), ["only one"])
     with pytest.raises(ValueError, match="at least one"):
         viz.image_flipper([], [])
+
+
+def test_histogram_draws_one_line_per_marker_and_a_legend_entry_per_set():
+    values = np.random.default_rng(0).normal(size=1000)
+    fig = viz.histogram(values, markers={"a": [-1, 1], "b": [0.5]}, title="t", xlabel="x")
+    ax = fig.axes[0]
+    assert [line.get_xdata()[0] for line in ax.lines] == [-1, 1, 0.5]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+    assert ax.get_title() == "t" and ax.get_xlabel() == "x"
+    assert sum(p.get_height() for p in ax.patches) == 1000

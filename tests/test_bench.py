@@ -1,0 +1,52 @@
+"""The benchmark runner behind results/: one row per recipe, with real values in every measured field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import quantlab as ql
+from quantlab import bench
+
+
+def test_run_recipes_measures_each_recipe_against_the_first(tmp_path):
+    runs = bench.run_recipes("tiny", ["bf16", "fp8-layerwise-e4m3"], steps=2, warmup=0, repeats=2, device="cpu")
+    base, fp8 = (run.row for run in runs)
+    assert (base.model, base.recipe, fp8.recipe) == ("tiny", "bf16", "fp8-layerwise-e4m3")
+    assert (base.height, base.width, base.steps, base.repeats) == (128, 128, 2, 2)
+    assert base.psnr_db is None and fp8.psnr_db is not None and 20 < fp8.psnr_db < 80
+    assert base.mem_after_load_gib == pytest.approx(base.weights_bytes / 2**30)
+    assert fp8.weights_bytes < base.weights_bytes  # the transformer's Linears went to one byte
+    assert base.peak_gpu_mem_gib is None and base.peak_host_rss_gib > 0.1
+    assert 0 < base.ms_per_step < base.s_per_image * 1000
+    assert runs[0].pipe is None  # freed unless asked to keep it
+
+
+def test_command_line_writes_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    assert bench.main(["--model", "tiny", "--recipes", "bf16", "--steps", "2", "--repeats", "1", "--out", str(out),
+                       "--notes", "unit test"]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and rows[0]["notes"] == "unit test" and rows[0]["steps"] == 2
+
+
+def test_command_line_checks_every_recipe_name_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_recipes", lambda *a, **k: pytest.fail("loaded before checking names"))
+    with pytest.raises(ValueError, match="Unknown recipe 'bnb-3bit'"):
+        bench.main(["--recipes", "bf16", "bnb-3bit", "--out", str(tmp_path / "x.json")])
+
+
+def test_a_failed_compile_is_recorded_and_the_eager_row_kept():
+    class Transformer:
+        def compile(self, **kwargs):
+            raise RuntimeError("no compiler here")
+
+    class Pipe:
+        transformer = Transformer()
+
+    row = ql.measure.new_row("tiny", "bf16", "cpu", ms_per_step=12.0, s_per_image=0.1)
+    bench._compile_and_time(Pipe(), "p", {}, 0, 1, "cpu", False, row)
+    assert row.recipe == "bf16" and row.ms_per_step == 12.0
+    assert row.extra["compile_error"] == "RuntimeError: no compiler here"
+    assert row.extra["eager_ms_per_step"] == 12.0
