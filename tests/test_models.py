@@ -215,3 +215,11 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     assert models.cache_dir() == tmp_path
     monkeypatch.delenv("QUANTLAB_CACHE")
     assert models.cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "quantlab"
+
+
+def test_component_configs_are_copies_of_the_registry():
+    configs = models.component_configs("tiny")
+    assert set(configs) == {"transformer", "text_encoder_2", "text_encoder", "vae", "scheduler"}
+    assert configs["transformer"]["num_attention_heads"] * configs["transformer"]["attention_head_dim"] == 256
+    configs["transformer"]["num_layers"] = 99
+    assert models.component_configs("tiny")["transformer"]["num_layers"] == 2
