@@ -6,7 +6,7 @@ Notebooks import it as ``import quantlab as ql`` and call ``ql.models``, ``ql.re
 
 import importlib
 
-from . import bnb, env, measure, models, recipes, viz
+from . import bnb, env, measure, models, recipes, torchao, viz
 from .env import report
 from .models import ModelUnavailableError, get_model, list_models, model_path
 from .recipes import UnsupportedHardwareError, check_runs_here, get_recipe, list_recipes, load_pipeline
@@ -21,6 +21,7 @@ __all__ = [
     "measure",
     "models",
     "recipes",
+    "torchao",
     "viz",
     "report",
     "ModelUnavailableError",

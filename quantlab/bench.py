@@ -51,8 +51,10 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
     call.update({k: v for k, v in {"height": height, "width": width, "num_inference_steps": steps}.items() if v})
 
     measure.reset_peak_gpu_memory(device)
+    started = time.perf_counter()
     with measure.track_peak_host_rss() as host:
         pipe = recipes.load_pipeline(spec.name, recipe, device=device, seed=seed, **load_kwargs)
+    _progress(f"{recipe}: loaded in {time.perf_counter() - started:.0f} s")
     pipe.set_progress_bar_config(disable=True)  # a benchmark log wants one line per recipe
     mem_after_load = measure.memory_after_load_gib(pipe, device)
     reserved_during_load = measure.peak_gpu_memory_gib(device)
@@ -62,8 +64,10 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
         warm_call = {**call, "num_inference_steps": warmup_steps or call["num_inference_steps"]}
         for _ in range(warmup):
             pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **warm_call)
+    _progress(f"{recipe}: warmed up")
     measure.reset_peak_gpu_memory(device)
     timing = measure.time_generation(pipe, prompt, call, seed=seed, warmup=0, repeats=repeats, device=device)
+    _progress(f"{recipe}: timed {repeats} images")
     row = measure.new_row(
         spec.name,
         recipes.get_recipe(recipe).name,
@@ -100,6 +104,11 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
     return RecipeRun(row, timing.image, pipe)
 
 
+def _progress(message: str) -> None:
+    # a long GPU run should say where it is, so that a run cut off by a time limit still tells
+    print(f"  [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, row) -> None:
     row.extra.update(eager_ms_per_step=row.ms_per_step, eager_s_per_image=row.s_per_image, fullgraph=fullgraph)
     # bitsandbytes' 8-bit matmul returns a data-dependent number of outlier columns
@@ -111,6 +120,7 @@ def _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, row)
         pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **call)
         measure.synchronize(device)
         first_image_s = time.perf_counter() - start
+        _progress(f"{row.recipe}: compiled and ran the first image in {first_image_s:.0f} s")
         timing = measure.time_generation(pipe, prompt, call, seed=seed, warmup=0, repeats=repeats, device=device)
     except Exception as error:  # a backend that cannot be compiled here: record why, keep the eager row
         row.extra["compile_error"] = f"{type(error).__name__}: {error}"[:1000]

@@ -373,9 +373,14 @@ def load_pipeline(model: str | None = None, recipe: str | Recipe = "bf16", *, de
             str(gguf_file), quantization_config=recipe.gguf_config(dtype), config=path, subfolder="transformer",
             dtype=dtype,
         )
+    placed_while_loading = recipe.backend == "torchao" and recipe.offload is None and info.kind == "cuda"
+    if placed_while_loading:
+        # torchao quantizes each weight where it is loaded: without a device map that is the CPU,
+        # which takes many minutes for the 12B transformer instead of seconds on the GPU
+        components["device_map"] = torch.device(device).type
     pipe = FluxPipeline.from_pretrained(
         path, quantization_config=recipe.quantization_config(dtype), dtype=dtype, **components
     )
     if recipe.layerwise_storage_dtype is not None:
         pipe.transformer.enable_layerwise_casting(storage_dtype=recipe.layerwise_storage_dtype, compute_dtype=dtype)
-    return place_pipeline(pipe, device, recipe.offload)
+    return pipe if placed_while_loading else place_pipeline(pipe, device, recipe.offload)
