@@ -367,19 +367,19 @@ def load_pipeline(model: str | None = None, recipe: str | Recipe = "bf16", *, de
         raise FileNotFoundError(f"GGUF file {gguf_file} does not exist. Write it first (chapter 02).")
     path = models.model_path(spec.name, seed=seed)
 
-    components = {}
+    load_kwargs = {}
     if recipe.gguf_type:
-        components["transformer"] = FluxTransformer2DModel.from_single_file(
+        load_kwargs["transformer"] = FluxTransformer2DModel.from_single_file(
             str(gguf_file), quantization_config=recipe.gguf_config(dtype), config=path, subfolder="transformer",
             dtype=dtype,
         )
     placed_while_loading = recipe.backend == "torchao" and recipe.offload is None and info.kind == "cuda"
     if placed_while_loading:
-        # torchao quantizes each weight where it is loaded: without a device map that is the CPU,
-        # which takes many minutes for the 12B transformer instead of seconds on the GPU
-        components["device_map"] = torch.device(device).type
+        # torchao quantizes each weight where it is loaded, and without a device map that is the CPU:
+        # for the 12B transformer, over six minutes of a GPU run went by there without finishing
+        load_kwargs["device_map"] = torch.device(device).type
     pipe = FluxPipeline.from_pretrained(
-        path, quantization_config=recipe.quantization_config(dtype), dtype=dtype, **components
+        path, quantization_config=recipe.quantization_config(dtype), dtype=dtype, **load_kwargs
     )
     if recipe.layerwise_storage_dtype is not None:
         pipe.transformer.enable_layerwise_casting(storage_dtype=recipe.layerwise_storage_dtype, compute_dtype=dtype)
