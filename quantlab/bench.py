@@ -79,11 +79,8 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
         peak_gpu_mem_gib=measure.peak_gpu_memory_gib(device),
         peak_host_rss_gib=host.gib,
         weights_bytes=weights,
-        ms_per_step=timing.per_step.median_s * 1000,
-        ms_per_step_iqr=timing.per_step.iqr_s * 1000,
-        s_per_image=timing.per_image.median_s,
-        s_per_image_iqr=timing.per_image.iqr_s,
         repeats=repeats,
+        **_timing_fields(timing),
         extra={
             "peak_gpu_reserved_during_load_gib": reserved_during_load,
             "peak_gpu_allocated_gib": measure.peak_gpu_memory_gib(device, reserved=False),
@@ -102,6 +99,16 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return RecipeRun(row, timing.image, pipe)
+
+
+def _timing_fields(timing: measure.GenerationTiming) -> dict[str, float]:
+    """The time fields of a `Measurement`, from one `time_generation` result."""
+    return {
+        "ms_per_step": timing.per_step.median_s * 1000,
+        "ms_per_step_iqr": timing.per_step.iqr_s * 1000,
+        "s_per_image": timing.per_image.median_s,
+        "s_per_image_iqr": timing.per_image.iqr_s,
+    }
 
 
 def _progress(message: str) -> None:
@@ -126,10 +133,8 @@ def _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, row)
         row.extra["compile_error"] = f"{type(error).__name__}: {error}"[:1000]
         return
     row.recipe = f"{row.recipe}+compile"
-    row.ms_per_step = timing.per_step.median_s * 1000
-    row.ms_per_step_iqr = timing.per_step.iqr_s * 1000
-    row.s_per_image = timing.per_image.median_s
-    row.s_per_image_iqr = timing.per_image.iqr_s
+    for name, value in _timing_fields(timing).items():
+        setattr(row, name, value)
     row.extra.update(first_compiled_image_s=first_image_s, compile_s=first_image_s - timing.per_image.median_s)
 
 

@@ -50,3 +50,16 @@ def test_a_failed_compile_is_recorded_and_the_eager_row_kept():
     assert row.recipe == "bf16" and row.ms_per_step == 12.0
     assert row.extra["compile_error"] == "RuntimeError: no compiler here"
     assert row.extra["eager_ms_per_step"] == 12.0
+
+
+def test_a_compiled_row_carries_compiled_times_and_keeps_the_eager_ones(monkeypatch):
+    pipe = ql.load_pipeline("tiny", "bf16", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    monkeypatch.setattr(pipe.transformer, "compile", lambda **kwargs: None)  # stands in for torch.compile here
+    row = ql.measure.new_row("tiny", "bf16", "cpu", ms_per_step=-1.0, s_per_image=-1.0)
+    call = {**ql.get_model("tiny").call_kwargs(), "num_inference_steps": 2}
+    bench._compile_and_time(pipe, "a red circle", call, 0, 2, "cpu", False, row)
+    assert row.recipe == "bf16+compile" and "compile_error" not in row.extra
+    assert row.extra["eager_ms_per_step"] == -1.0 and row.extra["eager_s_per_image"] == -1.0
+    assert 0 < row.ms_per_step < row.s_per_image * 1000 and row.ms_per_step_iqr >= 0
+    assert row.extra["compile_s"] == pytest.approx(row.extra["first_compiled_image_s"] - row.s_per_image)
