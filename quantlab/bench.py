@@ -37,13 +37,16 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
                height: int | None = None, width: int | None = None, steps: int | None = None, seed: int = 0,
                warmup: int = 1, warmup_steps: int | None = None, repeats: int = 3, reference_image=None,
                device: str | None = None, keep_pipeline: bool = False, compile: bool = False,
-               fullgraph: bool = False, **load_kwargs) -> RecipeRun:
+               fullgraph: bool = False, regional: bool = False, eager_row_out: str | None = None,
+               notes: str = "", **load_kwargs) -> RecipeRun:
     """Load `model` with `recipe`, then measure memory after loading, peak memory, time and image error.
 
     The warm-up images use `warmup_steps` denoising steps (default: `steps`); the timed ones use `steps`.
-    With `compile=True` the transformer is then compiled (`transformer.compile(fullgraph=...)`) and
-    timed again: the row's times are the compiled ones, and `extra` holds the eager times and the
-    compile time (the first compiled image minus a compiled image).
+    With `compile=True` the transformer is then compiled (`transformer.compile(fullgraph=...)`, or with
+    `regional=True` only its repeated blocks, `transformer.compile_repeated_blocks(...)`) and timed
+    again: the row's times are the compiled ones, and `extra` holds the eager times and the compile
+    time (the first compiled image minus a compiled image). `eager_row_out`, if given, receives the
+    eager row before compiling starts, so a run cut off while compiling keeps it.
     """
     spec = models.get_model(model)
     device = device or env.default_device()
@@ -80,6 +83,7 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
         peak_host_rss_gib=host.gib,
         weights_bytes=weights,
         repeats=repeats,
+        notes=notes,
         **_timing_fields(timing),
         extra={
             "peak_gpu_reserved_during_load_gib": reserved_during_load,
@@ -88,7 +92,9 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
         },
     )
     if compile:
-        _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, row)
+        if eager_row_out:
+            measure.save_rows([row], eager_row_out)
+        _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regional, row)
     if reference_image is not None:
         row.psnr_db = measure.psnr_db(timing.image, reference_image)
         row.ssim = measure.ssim(timing.image, reference_image)
@@ -116,12 +122,16 @@ def _progress(message: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, row) -> None:
-    row.extra.update(eager_ms_per_step=row.ms_per_step, eager_s_per_image=row.s_per_image, fullgraph=fullgraph)
+def _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regional, row) -> None:
+    row.extra.update(eager_ms_per_step=row.ms_per_step, eager_s_per_image=row.s_per_image, fullgraph=fullgraph,
+                     compiled_region="repeated blocks" if regional else "whole transformer")
     # bitsandbytes' 8-bit matmul returns a data-dependent number of outlier columns
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     try:
-        pipe.transformer.compile(fullgraph=fullgraph)
+        if regional:
+            pipe.transformer.compile_repeated_blocks(fullgraph=fullgraph)
+        else:
+            pipe.transformer.compile(fullgraph=fullgraph)
         measure.synchronize(device)
         start = time.perf_counter()
         pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **call)
@@ -159,6 +169,12 @@ def _describe(row: measure.Measurement) -> str:
             f"PSNR {fmt(row.psnr_db, '.1f')} dB")
 
 
+def _eager_rows_path(out: str) -> str:
+    """Where the command line keeps the latest eager row while compiling: NAME.eager.json beside NAME.json."""
+    stem, dot, suffix = out.rpartition(".")
+    return f"{stem}.eager.{suffix}" if dot else f"{out}.eager"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: run recipes on one model and save the rows as JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,16 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notes", default="", help="a line stored with every row")
     parser.add_argument("--compile", action="store_true", help="also compile the transformer and time it again")
     parser.add_argument("--fullgraph", action="store_true", help="compile with fullgraph=True")
+    parser.add_argument("--regional", action="store_true",
+                        help="compile only the repeated transformer blocks (compile_repeated_blocks)")
     args = parser.parse_args(argv)
     for name in args.recipes:
         recipes.get_recipe(name)  # every name checked before the first (long) load
     print(env.report(), flush=True)
     runs = run_recipes(args.model, args.recipes, prompt=args.prompt, height=args.height, width=args.width,
                        steps=args.steps, warmup_steps=args.warmup_steps, repeats=args.repeats,
-                       compile=args.compile, fullgraph=args.fullgraph)
+                       compile=args.compile, fullgraph=args.fullgraph, regional=args.regional,
+                       eager_row_out=_eager_rows_path(args.out) if args.compile else None, notes=args.notes)
     rows = [run.row for run in runs]
-    for row in rows:
-        row.notes = args.notes
     print(f"wrote {measure.save_rows(rows, args.out)}")
     return 0
 

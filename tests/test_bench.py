@@ -46,7 +46,7 @@ def test_a_failed_compile_is_recorded_and_the_eager_row_kept():
         transformer = Transformer()
 
     row = ql.measure.new_row("tiny", "bf16", "cpu", ms_per_step=12.0, s_per_image=0.1)
-    bench._compile_and_time(Pipe(), "p", {}, 0, 1, "cpu", False, row)
+    bench._compile_and_time(Pipe(), "p", {}, 0, 1, "cpu", False, False, row)
     assert row.recipe == "bf16" and row.ms_per_step == 12.0
     assert row.extra["compile_error"] == "RuntimeError: no compiler here"
     assert row.extra["eager_ms_per_step"] == 12.0
@@ -58,8 +58,27 @@ def test_a_compiled_row_carries_compiled_times_and_keeps_the_eager_ones(monkeypa
     monkeypatch.setattr(pipe.transformer, "compile", lambda **kwargs: None)  # stands in for torch.compile here
     row = ql.measure.new_row("tiny", "bf16", "cpu", ms_per_step=-1.0, s_per_image=-1.0)
     call = {**ql.get_model("tiny").call_kwargs(), "num_inference_steps": 2}
-    bench._compile_and_time(pipe, "a red circle", call, 0, 2, "cpu", False, row)
+    bench._compile_and_time(pipe, "a red circle", call, 0, 2, "cpu", False, False, row)
     assert row.recipe == "bf16+compile" and "compile_error" not in row.extra
+    assert row.extra["compiled_region"] == "whole transformer"
     assert row.extra["eager_ms_per_step"] == -1.0 and row.extra["eager_s_per_image"] == -1.0
     assert 0 < row.ms_per_step < row.s_per_image * 1000 and row.ms_per_step_iqr >= 0
     assert row.extra["compile_s"] == pytest.approx(row.extra["first_compiled_image_s"] - row.s_per_image)
+
+
+def test_regional_compile_compiles_each_repeated_block_and_the_eager_row_is_saved_first(tmp_path, monkeypatch):
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    compiled_blocks = []
+    for block_class in (FluxTransformerBlock, FluxSingleTransformerBlock):
+        monkeypatch.setattr(block_class, "compile", lambda self, **kwargs: compiled_blocks.append(self), raising=False)
+    out = tmp_path / "rows.json"
+    bench.main(["--model", "tiny", "--recipes", "bf16", "--steps", "2", "--repeats", "1", "--compile", "--regional",
+                "--out", str(out)])
+    pipe = ql.load_pipeline("tiny", "bf16", device="cpu")
+    expected_blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    assert len(compiled_blocks) == expected_blocks
+    (compiled,) = ql.measure.load_rows(out)
+    (eager,) = ql.measure.load_rows(tmp_path / "rows.eager.json")
+    assert compiled.recipe == "bf16+compile" and compiled.extra["compiled_region"] == "repeated blocks"
+    assert eager.recipe == "bf16" and eager.ms_per_step == compiled.extra["eager_ms_per_step"]
