@@ -1,12 +1,13 @@
 """quantlab: the helper package behind the course on quantizing FLUX.1 with diffusers.
 
 Notebooks import it as ``import quantlab as ql`` and call ``ql.models``, ``ql.recipes``,
-``ql.measure``, ``ql.viz`` and ``ql.env``; the most used functions are also here at the top.
+``ql.measure``, ``ql.viz`` and ``ql.env``, and a module per topic (``ql.bnb``, ``ql.gguf``,
+``ql.torchao``); the most used functions are also here at the top.
 """
 
 import importlib
 
-from . import bnb, env, measure, models, recipes, torchao, viz
+from . import bnb, env, gguf, gguf_quants, measure, models, recipes, torchao, viz
 from .env import report
 from .models import ModelUnavailableError, get_model, list_models, model_path
 from .recipes import UnsupportedHardwareError, check_runs_here, get_recipe, list_recipes, load_pipeline
@@ -18,6 +19,8 @@ __all__ = [
     "bnb",
     "course",
     "env",
+    "gguf",
+    "gguf_quants",
     "measure",
     "models",
     "recipes",

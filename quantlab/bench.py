@@ -13,13 +13,15 @@ import gc
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import env, measure, models, recipes
+from . import gguf as ql_gguf
 
-__all__ = ["RecipeRun", "run_recipe", "run_recipes", "main"]
+__all__ = ["RecipeRun", "run_recipe", "run_recipes", "write_gguf_file", "main"]
 
 DEFAULT_PROMPT = "a photo of a cat sitting on a red chair in a sunny room"
 
@@ -148,15 +150,51 @@ def _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regi
     row.extra.update(first_compiled_image_s=first_image_s, compile_s=first_image_s - timing.per_image.median_s)
 
 
-def run_recipes(model: str | None, recipe_names: list[str], **kwargs) -> list[RecipeRun]:
-    """`run_recipe` for each recipe in turn; the first one's image is the reference for the rest."""
+def run_recipes(model: str | None, recipe_names: list[str], gguf_files: dict | None = None,
+                **kwargs) -> list[RecipeRun]:
+    """`run_recipe` for each recipe in turn; the first one's image is the reference for the rest.
+
+    `gguf_files` maps each gguf-* recipe to its file, with the `GGUFWriteReport` that wrote it if any.
+    """
     runs: list[RecipeRun] = []
     for name in recipe_names:
         reference = runs[0].image if runs else None
-        run = run_recipe(model, name, reference_image=reference, **kwargs)
+        gguf_file, write_report = (gguf_files or {}).get(name, (None, None))
+        extra_load = {"gguf_file": gguf_file} if gguf_file else {}
+        run = run_recipe(model, name, reference_image=reference, **extra_load, **kwargs)
+        if gguf_file:
+            run.row.extra["gguf_file_bytes"] = Path(gguf_file).stat().st_size
+            if write_report is not None:
+                run.row.extra.update(gguf_write_s=write_report.seconds,
+                                     gguf_write_params_per_s=write_report.params_per_s)
         print(_describe(run.row), flush=True)
         runs.append(run)
     return runs
+
+
+def write_gguf_file(model: str | None, gguf_type: str, folder: str) -> tuple[Path, Any]:
+    """The GGUF file of `model`'s transformer in `gguf_type` under `folder`, written first if missing.
+
+    Returns the path and the `GGUFWriteReport` (None when the file was already there).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    spec = models.get_model(model)
+    path = Path(folder) / f"{spec.name.replace('/', '--')}-{gguf_type}.gguf"
+    if path.is_file():
+        return path, None
+    device = env.default_device()
+    transformer = FluxTransformer2DModel.from_pretrained(
+        models.model_path(spec.name), subfolder="transformer", torch_dtype=env.default_dtype(env.device_info(device))
+    ).to(device)
+    report = ql_gguf.write_gguf(transformer, path, gguf_type)
+    _progress(f"wrote {path.name}: {report.file_bytes / 2**30:.2f} GiB in {report.seconds:.0f} s, "
+              f"{report.params_per_s / 1e6:.0f} M params/s")
+    del transformer
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return path, report
 
 
 def _describe(row: measure.Measurement) -> str:
@@ -190,16 +228,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notes", default="", help="a line stored with every row")
     parser.add_argument("--compile", action="store_true", help="also compile the transformer and time it again")
     parser.add_argument("--fullgraph", action="store_true", help="compile with fullgraph=True")
+    parser.add_argument("--gguf-dir", help="for gguf-* recipes: where MODEL-TYPE.gguf files are, written there "
+                        "from the model's transformer first if missing")
     parser.add_argument("--regional", action="store_true",
                         help="compile only the repeated transformer blocks (compile_repeated_blocks)")
     args = parser.parse_args(argv)
     for name in args.recipes:
         recipes.get_recipe(name)  # every name checked before the first (long) load
     print(env.report(), flush=True)
+    if args.gguf_dir:
+        gguf_files = {name: write_gguf_file(args.model, recipes.get_recipe(name).gguf_type, args.gguf_dir)
+                      for name in args.recipes if recipes.get_recipe(name).gguf_type}
+    elif any(recipes.get_recipe(name).gguf_type for name in args.recipes):
+        parser.error("gguf-* recipes need --gguf-dir, the folder of (or for) their GGUF files")
+    else:
+        gguf_files = {}
     runs = run_recipes(args.model, args.recipes, prompt=args.prompt, height=args.height, width=args.width,
                        steps=args.steps, warmup_steps=args.warmup_steps, repeats=args.repeats,
                        compile=args.compile, fullgraph=args.fullgraph, regional=args.regional,
-                       eager_row_out=_eager_rows_path(args.out) if args.compile else None, notes=args.notes)
+                       eager_row_out=_eager_rows_path(args.out) if args.compile else None, notes=args.notes,
+                       gguf_files=gguf_files)
     rows = [run.row for run in runs]
     print(f"wrote {measure.save_rows(rows, args.out)}")
     return 0

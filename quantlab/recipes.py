@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from . import env, models
+from . import gguf as ql_gguf
 
 __all__ = [
     "Recipe",
@@ -49,8 +50,8 @@ class Requirements:
 # How a pipeline is placed on the device. None means `pipe.to(device)`.
 OFFLOAD_MODES = ("model", "sequential", "group-block", "group-leaf", "group-leaf-stream")
 
-# The GGUF types diffusers loads. The file itself is written by the GGUF chapter.
-GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K")
+# The GGUF types of the gguf-* recipes: those diffusers loads and chapter 02 writes.
+GGUF_TYPES = ql_gguf.GGUF_TYPES
 
 ConfigFactory = Callable[[torch.dtype], Any]
 
@@ -363,12 +364,16 @@ def load_pipeline(model: str | None = None, recipe: str | Recipe = "bf16", *, de
             f"Recipe {recipe.name!r} loads a GGUF file: pass gguf_file=<path to a {recipe.gguf_type} .gguf>. "
             "Chapter 02 writes one from any FluxTransformer2DModel."
         )
-    if recipe.gguf_type and not Path(gguf_file).is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_file} does not exist. Write it first (chapter 02).")
+    if recipe.gguf_type:
+        gguf_info = ql_gguf.inspect_gguf(gguf_file)  # missing, truncated or corrupt: fail before any loading
     path = models.model_path(spec.name, seed=seed)
 
     load_kwargs = {}
     if recipe.gguf_type:
+        ql_gguf.check_gguf_file(gguf_file, path)  # and written for this model's architecture
+        if recipe.gguf_type not in gguf_info.tensors_per_type:
+            raise ValueError(f"Recipe {recipe.name!r} wants a {recipe.gguf_type} file, but {gguf_file} holds "
+                             f"{gguf_info.tensors_per_type}. Pass the {recipe.gguf_type} file or pick its recipe.")
         load_kwargs["transformer"] = FluxTransformer2DModel.from_single_file(
             str(gguf_file), quantization_config=recipe.gguf_config(dtype), config=path, subfolder="transformer",
             dtype=dtype,

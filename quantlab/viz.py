@@ -6,7 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["image_grid", "side_by_side", "bar_chart", "memory_time_bars", "histogram", "ImageFlipper", "image_flipper"]
+__all__ = ["byte_layout",
+    "image_grid", "side_by_side", "bar_chart", "memory_time_bars", "histogram", "ImageFlipper", "image_flipper"]
 
 
 def _figure(nrows: int, ncols: int, cell_inches: float = 3.0):
@@ -171,3 +172,29 @@ class ImageFlipper:
 def image_flipper(images: Sequence, captions: Sequence[str]) -> ImageFlipper:
     """A widget that flips between `images`; display it as the last expression of a cell."""
     return ImageFlipper(images, captions)
+
+
+def byte_layout(fields: Sequence[tuple[str, int, str]], title: str | None = None):
+    """One block of a storage format drawn as a strip of bytes: (field, bytes, meaning) in byte order."""
+    import matplotlib.pyplot as plt
+
+    total = sum(size for _, size, _ in fields)
+    fig, ax = plt.subplots(figsize=(10, 1.3 + 0.28 * len(fields)))
+    start = 0
+    colours = plt.get_cmap("tab10")
+    for index, (name, size, meaning) in enumerate(fields):
+        ax.barh(0, size, left=start, color=colours(index % 10), edgecolor="black")
+        ax.text(start + size / 2, 0, name, ha="center", va="center", fontsize=9, fontweight="bold")
+        ax.text(0, -0.6 - 0.35 * index, f"{name}: {size} bytes, {meaning}", ha="left", va="center", fontsize=8,
+                color=colours(index % 10))
+        start += size
+    ax.set_xlim(0, total)
+    ax.set_ylim(-0.6 - 0.35 * len(fields), 0.6)
+    ax.set_yticks([])
+    ax.set_xlabel(f"byte offset (block of {total} bytes)")
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -82,3 +82,22 @@ def test_regional_compile_compiles_each_repeated_block_and_the_eager_row_is_save
     (eager,) = ql.measure.load_rows(tmp_path / "rows.eager.json")
     assert compiled.recipe == "bf16+compile" and compiled.extra["compiled_region"] == "repeated blocks"
     assert eager.recipe == "bf16" and eager.ms_per_step == compiled.extra["eager_ms_per_step"]
+
+
+def test_gguf_recipes_write_their_file_once_and_record_its_size(tmp_path):
+    out = tmp_path / "rows.json"
+    argv = ["--model", "tiny", "--recipes", "gguf-q4_0", "--steps", "2", "--repeats", "1", "--warmup-steps", "1",
+            "--gguf-dir", str(tmp_path / "files"), "--out", str(out)]
+    bench.main(argv)
+    written = tmp_path / "files" / "tiny-Q4_0.gguf"
+    (row,) = ql.measure.load_rows(out)
+    assert row.recipe == "gguf-q4_0" and row.extra["gguf_file_bytes"] == written.stat().st_size
+    assert row.extra["gguf_write_params_per_s"] > 0
+    modified = written.stat().st_mtime_ns
+    bench.main(argv)  # the file is there: reused, not written again
+    assert written.stat().st_mtime_ns == modified and "gguf_write_s" not in ql.measure.load_rows(out)[0].extra
+
+
+def test_gguf_recipes_without_a_folder_are_refused_before_loading(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "tiny", "--recipes", "gguf-q8_0", "--out", str(tmp_path / "x.json")])
