@@ -48,7 +48,8 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
     `regional=True` only its repeated blocks, `transformer.compile_repeated_blocks(...)`) and timed
     again: the row's times are the compiled ones, and `extra` holds the eager times and the compile
     time (the first compiled image minus a compiled image). `eager_row_out`, if given, receives the
-    eager row before compiling starts, so a run cut off while compiling keeps it.
+    eager row before compiling starts, so a run cut off while compiling keeps it; it is removed once
+    the compiled row exists.
     """
     spec = models.get_model(model)
     device = device or env.default_device()
@@ -94,9 +95,12 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
         },
     )
     if compile:
+        row.extra.update(eager_ms_per_step=row.ms_per_step, eager_s_per_image=row.s_per_image)
         if eager_row_out:
             measure.save_rows([row], eager_row_out)
         _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regional, row)
+        if eager_row_out and "compile_error" not in row.extra:
+            Path(eager_row_out).unlink(missing_ok=True)  # the full row supersedes it
     if reference_image is not None:
         row.psnr_db = measure.psnr_db(timing.image, reference_image)
         row.ssim = measure.ssim(timing.image, reference_image)
@@ -126,7 +130,7 @@ def _progress(message: str) -> None:
 
 def _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regional, row) -> None:
     row.extra.update(eager_ms_per_step=row.ms_per_step, eager_s_per_image=row.s_per_image, fullgraph=fullgraph,
-                     compiled_region="repeated blocks" if regional else "whole transformer")
+                     compiled_region=None)
     # bitsandbytes' 8-bit matmul returns a data-dependent number of outlier columns
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     try:
@@ -145,6 +149,7 @@ def _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regi
         row.extra["compile_error"] = f"{type(error).__name__}: {error}"[:1000]
         return
     row.recipe = f"{row.recipe}+compile"
+    row.extra["compiled_region"] = "repeated blocks" if regional else "whole transformer"
     for name, value in _timing_fields(timing).items():
         setattr(row, name, value)
     row.extra.update(first_compiled_image_s=first_image_s, compile_s=first_image_s - timing.per_image.median_s)
@@ -208,7 +213,7 @@ def _describe(row: measure.Measurement) -> str:
 
 
 def _eager_rows_path(out: str) -> str:
-    """Where the command line keeps the latest eager row while compiling: NAME.eager.json beside NAME.json."""
+    """Where the command line keeps a recipe's eager row while it compiles: NAME.eager.json beside NAME.json."""
     stem, dot, suffix = out.rpartition(".")
     return f"{stem}.eager.{suffix}" if dot else f"{out}.eager"
 
@@ -233,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regional", action="store_true",
                         help="compile only the repeated transformer blocks (compile_repeated_blocks)")
     args = parser.parse_args(argv)
+    if args.regional and not args.compile:
+        parser.error("--regional chooses what --compile compiles; add --compile")
+    if args.compile and len(args.recipes) > 1:
+        parser.error("--compile runs one recipe per command (compiled code stays in the process); "
+                     "run the recipes one by one and join the rows")
     for name in args.recipes:
         recipes.get_recipe(name)  # every name checked before the first (long) load
     print(env.report(), flush=True)

@@ -3,15 +3,15 @@
 `write_gguf` turns any `FluxTransformer2DModel` (the tiny one on a CPU, the 12B one on a GPU) into a
 single GGUF file that `FluxTransformer2DModel.from_single_file` loads. Tensor names stay in
 diffusers' layout, so diffusers loads them without converting. The block formats come from
-`quantlab.gguf_quants`: the gguf package's own quantizers for the legacy types, ggml's reference
-algorithm for the K-quants.
+`quantlab.gguf_quants`: the gguf package's own quantizers for the legacy types (their torch twin
+on a GPU), ggml's reference algorithm for the K-quants.
 
 Which tensors stay in float (`KEEP_IN_FLOAT_RULES`):
 - 1-D tensors (biases, RMSNorm scales) stay F32: they are a few thousand values per layer, a
   norm's scale multiplies every activation that passes through it, and ggml keeps them so too;
 - the layers at the model's edges stay F16: the patch, text and timestep embedders at the input,
   and `norm_out`/`proj_out` at the output. Every token passes through them once, with nothing
-  after them to absorb an error, and in FLUX.1-dev they are 0.2% of the weights;
+  after them to absorb an error, and in FLUX.1-dev they are 0.5% of the weights;
 - a matrix whose rows do not fill whole blocks (32 weights, or 256 for K-quants) stays F16.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,8 +149,8 @@ def write_gguf(transformer: torch.nn.Module, path: str | os.PathLike, gguf_type:
     """Write `transformer` (a `FluxTransformer2DModel`) to `path` as a GGUF file of `gguf_type`.
 
     Tensors are quantized one at a time on `device` (default: where each weight is) and streamed
-    to a temporary file, which replaces `path` only when complete: an interrupted write leaves any
-    earlier file at `path` as it was.
+    to a temporary file beside `path`, which replaces `path` only when complete: an interrupted
+    write leaves any earlier file at `path` as it was.
     """
     _check_type(gguf_type)
     path = Path(path)
@@ -161,7 +162,10 @@ def write_gguf(transformer: torch.nn.Module, path: str | os.PathLike, gguf_type:
 
     started = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    # a temporary file of its own in the same folder: os.replace is then atomic, and two writers never share it
+    handle, partial_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    partial = Path(partial_name)
     writer = gguf.GGUFWriter(str(partial), ARCHITECTURE)
     try:
         writer.add_name(type(transformer).__name__)
@@ -234,6 +238,8 @@ def inspect_gguf(path: str | os.PathLike) -> GGUFFileInfo:
     file_bytes = path.stat().st_size
     with open(path, "rb") as handle:
         magic = handle.read(4)
+    if len(magic) < 4:
+        raise GGUFFileError(f"{path} is empty or truncated ({file_bytes} bytes). Download or write the file again.")
     if magic != b"GGUF":
         raise GGUFFileError(
             f"{path} is not a GGUF file: it starts with {magic!r}, not b'GGUF'. "

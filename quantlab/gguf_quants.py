@@ -1,12 +1,15 @@
 """Quantize float tensors into GGUF block formats, with the byte layout that gguf-py reads back.
 
 The legacy formats (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1) and F16/BF16 are quantized by the gguf package
-itself. gguf-py can only *read* the K-quants, so this module writes them: ggml's reference
-quantizers (`quantize_row_q{2..6}_K_ref` in ggml-quants.c) transcribed into float32 torch, every
-super-block of a chunk at once, on the CPU or a GPU.
+itself when the tensor is on the CPU. For a tensor on a GPU, F16, BF16, Q8_0, Q4_0 and Q4_1 run the
+same arithmetic in torch there (tested to give gguf-py's bytes), because gguf-py's single CPU
+thread would take minutes for the 12B transformer. gguf-py can only *read* the K-quants, so this
+module writes them: ggml's reference quantizers (`quantize_row_q{2..6}_K_ref` in ggml-quants.c)
+transcribed into float32 torch, every super-block of a chunk at once, on the CPU or a GPU.
 
-The transcription keeps ggml's order of float operations, so it produces the same bytes as the C
-reference (compiled without fused multiply-add), and the same bytes on CPU and CUDA:
+The transcription keeps ggml's order of float operations, so it gives the same bytes as those
+reference functions built in C without fused multiply-add (tests/data holds such bytes), and
+the same bytes on CPU and CUDA:
 
 - sums run one term at a time in the loop order of the C code (`_sum_in_order`), not with
   `torch.sum`, whose reduction order differs between devices;

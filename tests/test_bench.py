@@ -79,9 +79,31 @@ def test_regional_compile_compiles_each_repeated_block_and_the_eager_row_is_save
     expected_blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
     assert len(compiled_blocks) == expected_blocks
     (compiled,) = ql.measure.load_rows(out)
-    (eager,) = ql.measure.load_rows(tmp_path / "rows.eager.json")
     assert compiled.recipe == "bf16+compile" and compiled.extra["compiled_region"] == "repeated blocks"
-    assert eager.recipe == "bf16" and eager.ms_per_step == compiled.extra["eager_ms_per_step"]
+    assert not (tmp_path / "rows.eager.json").exists()  # kept only while compiling, or when compiling failed
+
+
+def test_a_failed_compile_keeps_the_eager_row_file_with_its_reason(tmp_path, monkeypatch):
+    def refuse(self, **kwargs):
+        raise RuntimeError("inductor gave up")
+
+    from diffusers import FluxTransformer2DModel
+
+    monkeypatch.setattr(FluxTransformer2DModel, "compile", refuse)
+    out = tmp_path / "rows.json"
+    bench.main(["--model", "tiny", "--recipes", "bf16", "--steps", "2", "--repeats", "1", "--compile", "--out", str(out)])
+    (eager,) = ql.measure.load_rows(tmp_path / "rows.eager.json")
+    (row,) = ql.measure.load_rows(out)
+    assert eager.recipe == row.recipe == "bf16" and eager.ms_per_step == row.extra["eager_ms_per_step"]
+    assert row.extra["compile_error"] == "RuntimeError: inductor gave up" and row.extra["compiled_region"] is None
+
+
+def test_compile_options_are_checked_before_loading(tmp_path):
+    out = str(tmp_path / "x.json")
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "tiny", "--recipes", "bf16", "--regional", "--out", out])
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "tiny", "--recipes", "bf16", "bnb-8bit", "--compile", "--out", out])
 
 
 def test_gguf_recipes_write_their_file_once_and_record_its_size(tmp_path):

@@ -94,6 +94,8 @@ def test_load_pipeline_takes_the_file_and_refuses_a_file_of_another_type(q8_file
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "GGUFParameter"
     with pytest.raises(ValueError, match=r"wants a Q2_K file.*tiny-Q8_0\.gguf"):
         ql.load_pipeline("tiny", "gguf-q2_k", device="cpu", gguf_file=q8_file.path)
+    with pytest.raises(ValueError, match=r"wants a F16 file"):  # its float edge layers do not make it an F16 file
+        ql.load_pipeline("tiny", "gguf-f16", device="cpu", gguf_file=q8_file.path)
 
 
 def test_a_truncated_file_names_the_file_and_the_problem(q8_file, tmp_path, tiny_path):
@@ -110,6 +112,10 @@ def test_a_corrupt_or_foreign_file_is_refused_before_loading(q8_file, tmp_path, 
     html.write_bytes(b"<!DOCTYPE html><title>404</title>" + bytes(100))
     with pytest.raises(qg.GGUFFileError, match=r"not a GGUF file.*error page"):
         qg.load_transformer(html, tiny_path)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(qg.GGUFFileError, match=r"empty\.gguf is empty or truncated \(0 bytes\)"):
+        qg.inspect_gguf(empty)
     damaged = tmp_path / "damaged.gguf"
     data = bytearray(q8_file.path.read_bytes())
     data[8:16] = (2**62).to_bytes(8, "little")  # the tensor count

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -441,3 +443,13 @@ def test_legacy_types_on_cuda_give_gguf_pys_bytes(qtype):
     weights = normal_weights(rows=48, cols=512, seed=4)
     expected = gguf.quants.quantize(weights, gguf.GGMLQuantizationType[qtype])
     np.testing.assert_array_equal(gq.quantize(torch.from_numpy(weights).cuda(), qtype), expected)
+
+
+@pytest.mark.parametrize("qtype", gq.KQUANT_TYPES)
+def test_k_quants_give_the_bytes_of_ggmls_reference_functions(qtype):
+    # tests/data/ggml_kquant_reference.npz holds 17 rows of 512 values (normal, small, all positive,
+    # all negative, zero, constant, +-1e4 outliers, subnormal, sparse, heavy-tailed) and the bytes that
+    # ggml's quantize_row_q{2..6}_K_ref and their helpers, transcribed into C and built with
+    # gcc -O2 -ffp-contract=off, wrote for them
+    reference = np.load(Path(__file__).parent / "data" / "ggml_kquant_reference.npz")
+    np.testing.assert_array_equal(gq.quantize(reference["inputs"], qtype), reference[qtype])
