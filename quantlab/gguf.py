@@ -185,6 +185,7 @@ def write_gguf(transformer: torch.nn.Module, path: str | os.PathLike, gguf_type:
             packed = _encode(rows, plan.gguf_type, device)
             writer.write_tensor_data(np.ascontiguousarray(packed).view(np.uint8).reshape(-1))
         writer.close()
+        os.chmod(partial, 0o644)  # mkstemp makes it private; the finished file is an ordinary one
         os.replace(partial, path)
     except BaseException:
         writer.close()
