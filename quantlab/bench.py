@@ -95,12 +95,8 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
         },
     )
     if compile:
-        row.extra.update(eager_ms_per_step=row.ms_per_step, eager_s_per_image=row.s_per_image)
-        if eager_row_out:
-            measure.save_rows([row], eager_row_out)
-        _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regional, row)
-        if eager_row_out and "compile_error" not in row.extra:
-            Path(eager_row_out).unlink(missing_ok=True)  # the full row supersedes it
+        _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regional, row,
+                          eager_row_out=eager_row_out)
     if reference_image is not None:
         row.psnr_db = measure.psnr_db(timing.image, reference_image)
         row.ssim = measure.ssim(timing.image, reference_image)
@@ -128,9 +124,12 @@ def _progress(message: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regional, row) -> None:
+def _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regional, row,
+                      eager_row_out: str | None = None) -> None:
     row.extra.update(eager_ms_per_step=row.ms_per_step, eager_s_per_image=row.s_per_image, fullgraph=fullgraph,
                      compiled_region=None)
+    if eager_row_out:
+        measure.save_rows([row], eager_row_out)
     # bitsandbytes' 8-bit matmul returns a data-dependent number of outlier columns
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     try:
@@ -153,6 +152,8 @@ def _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regi
     for name, value in _timing_fields(timing).items():
         setattr(row, name, value)
     row.extra.update(first_compiled_image_s=first_image_s, compile_s=first_image_s - timing.per_image.median_s)
+    if eager_row_out:
+        Path(eager_row_out).unlink(missing_ok=True)  # the compiled row supersedes it
 
 
 def run_recipes(model: str | None, recipe_names: list[str], gguf_files: dict | None = None,

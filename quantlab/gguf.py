@@ -43,6 +43,7 @@ __all__ = [
     "write_gguf",
     "inspect_gguf",
     "check_gguf_file",
+    "check_architecture",
     "load_transformer",
     "block_layout",
 ]
@@ -119,7 +120,8 @@ class GGUFFileInfo:
     n_tensors: int
     n_params: int
     tensors_per_type: dict[str, int]
-    config: dict | None
+    tensor_shapes: dict[str, tuple[int, ...]] = field(repr=False)  # in PyTorch's order, as a state dict has them
+    config: dict | None = None
 
 
 # --------------------------------------------------------------------------- writing
@@ -270,6 +272,7 @@ def inspect_gguf(path: str | os.PathLike) -> GGUFFileInfo:
         n_tensors=len(reader.tensors),
         n_params=sum(int(t.n_elements) for t in reader.tensors),
         tensors_per_type=tensors_per_type,
+        tensor_shapes={t.name: tuple(int(size) for size in reversed(t.shape.tolist())) for t in reader.tensors},
         config=json.loads(_read_string(reader, _CONFIG_KEY) or "null"),
     )
 
@@ -281,10 +284,16 @@ def check_gguf_file(path: str | os.PathLike, config: str | os.PathLike, subfolde
     Raises `FileNotFoundError` for a missing file or config and `GGUFFileError` for a truncated,
     corrupt or mismatched file, naming the file and the problem.
     """
-    from diffusers import FluxTransformer2DModel
-
     config_folder = _config_folder(config, subfolder)
     info = inspect_gguf(path)
+    check_architecture(info, config_folder)
+    return info
+
+
+def check_architecture(info: GGUFFileInfo, config_folder: str | os.PathLike) -> None:
+    """Raise `GGUFFileError` unless the file `info` describes holds the transformer configured in `config_folder`."""
+    from diffusers import FluxTransformer2DModel
+
     if info.architecture not in (ARCHITECTURE, None):
         raise GGUFFileError(
             f"{info.path} holds a {info.architecture!r} model, not a FLUX transformer ({ARCHITECTURE!r}). "
@@ -293,10 +302,9 @@ def check_gguf_file(path: str | os.PathLike, config: str | os.PathLike, subfolde
     with torch.device("meta"):
         expected = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(config_folder))
     expected_shapes = {name: tuple(tensor.shape) for name, tensor in expected.state_dict().items()}
-    reader = gguf.GGUFReader(str(info.path))
-    found_shapes = {t.name: tuple(int(size) for size in reversed(t.shape.tolist())) for t in reader.tensors}
+    found_shapes = info.tensor_shapes
     if _looks_like_original_flux_layout(found_shapes):
-        return info  # Black Forest Labs' names (city96's files): diffusers converts them while loading
+        return  # Black Forest Labs' names (city96's files): diffusers converts them while loading
     missing = sorted(set(expected_shapes) - set(found_shapes))
     unexpected = sorted(set(found_shapes) - set(expected_shapes))
     wrong_shape = sorted(name for name in set(expected_shapes) & set(found_shapes)
@@ -315,7 +323,6 @@ def check_gguf_file(path: str | os.PathLike, config: str | os.PathLike, subfolde
             f"{info.path} is for a different model than the config in {config_folder}: {'; '.join(details)}. "
             "Use the config of the model the file was written from."
         )
-    return info
 
 
 def load_transformer(path: str | os.PathLike, config: str | os.PathLike, *, compute_dtype: torch.dtype = torch.bfloat16,

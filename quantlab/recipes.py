@@ -370,7 +370,7 @@ def load_pipeline(model: str | None = None, recipe: str | Recipe = "bf16", *, de
 
     load_kwargs = {}
     if recipe.gguf_type:
-        ql_gguf.check_gguf_file(gguf_file, path)  # and written for this model's architecture
+        ql_gguf.check_architecture(gguf_info, Path(path) / "transformer")  # the header read above, not the file again
         quantized_types = set(gguf_info.tensors_per_type) - {"F32", "F16"}  # 1-D and edge tensors stay in float
         if quantized_types - {recipe.gguf_type} or (recipe.gguf_type not in gguf_info.tensors_per_type):
             raise ValueError(f"Recipe {recipe.name!r} wants a {recipe.gguf_type} file, but {gguf_file} holds "

@@ -6,8 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["byte_layout",
-    "image_grid", "side_by_side", "bar_chart", "memory_time_bars", "histogram", "ImageFlipper", "image_flipper"]
+__all__ = ["image_grid", "side_by_side", "bar_chart", "memory_time_bars", "histogram", "byte_layout", "ImageFlipper",
+           "image_flipper"]
 
 
 def _figure(nrows: int, ncols: int, cell_inches: float = 3.0):
