@@ -63,16 +63,19 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
     _progress(f"{recipe}: loaded in {time.perf_counter() - started:.0f} s")
     pipe.set_progress_bar_config(disable=True)  # a benchmark log wants one line per recipe
     mem_after_load = measure.memory_after_load_gib(pipe, device)
+    mem_after_load_per_gpu = ([torch.cuda.memory_allocated(i) / measure.GIB for i in range(torch.cuda.device_count())]
+                              if device.startswith("cuda") else [])
     reserved_during_load = measure.peak_gpu_memory_gib(device)
     weights = sum(measure.component_weights_bytes(pipe).values())
 
-    if warmup:
-        warm_call = {**call, "num_inference_steps": warmup_steps or call["num_inference_steps"]}
-        for _ in range(warmup):
-            pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **warm_call)
-    _progress(f"{recipe}: warmed up")
-    measure.reset_peak_gpu_memory(device)
-    timing = measure.time_generation(pipe, prompt, call, seed=seed, warmup=0, repeats=repeats, device=device)
+    with measure.track_peak_host_rss() as host_generating:
+        if warmup:
+            warm_call = {**call, "num_inference_steps": warmup_steps or call["num_inference_steps"]}
+            for _ in range(warmup):
+                pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **warm_call)
+        _progress(f"{recipe}: warmed up")
+        measure.reset_peak_gpu_memory(device)
+        timing = measure.time_generation(pipe, prompt, call, seed=seed, warmup=0, repeats=repeats, device=device)
     _progress(f"{recipe}: timed {repeats} images")
     row = measure.new_row(
         spec.name,
@@ -92,8 +95,19 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
             "peak_gpu_reserved_during_load_gib": reserved_during_load,
             "peak_gpu_allocated_gib": measure.peak_gpu_memory_gib(device, reserved=False),
             "peak_host_rss_method": host.method,
+            "peak_host_rss_generating_gib": host_generating.gib,
         },
     )
+    per_gpu = measure.peak_gpu_memory_per_device_gib(device)
+    if per_gpu is not None and len(per_gpu) > 1:
+        # a pipeline spread over several GPUs: the row's peak is the fullest GPU's (what must fit on each
+        # card), its memory after loading the sum over the GPUs, and extra keeps each GPU's figures
+        row.peak_gpu_mem_gib = max(per_gpu)
+        row.mem_after_load_gib = sum(mem_after_load_per_gpu)
+        row.extra.update(peak_gpu_mem_per_device_gib=per_gpu, mem_after_load_per_device_gib=mem_after_load_per_gpu,
+                         device_count=len(per_gpu))
+    if getattr(pipe, "hf_device_map", None):  # where device_map= put each component
+        row.extra["hf_device_map"] = {name: str(where) for name, where in pipe.hf_device_map.items()}
     if compile:
         _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regional, row,
                           eager_row_out=eager_row_out)

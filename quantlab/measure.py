@@ -48,11 +48,14 @@ __all__ = [
     "relative_error",
     "capture_transformer_inputs",
     "capture_linear_inputs",
+    "random_transformer_inputs",
     "to_frame",
     "save_rows",
     "load_rows",
     "results_dir",
     "load_results",
+    "peak_gpu_memory_per_device_gib",
+    "projected_s_per_image",
     "record",
 ]
 
@@ -178,7 +181,8 @@ def reset_peak_gpu_memory(device: str | None = None) -> None:
     gc.collect()
     if _device_type(device) == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        for index in range(torch.cuda.device_count()):  # every GPU, for pipelines spread over several
+            torch.cuda.reset_peak_memory_stats(index)
 
 
 def peak_gpu_memory_gib(device: str | None = None, reserved: bool = True) -> float | None:
@@ -193,6 +197,17 @@ def peak_gpu_memory_gib(device: str | None = None, reserved: bool = True) -> flo
     synchronize(device)
     peak = torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()
     return peak / GIB
+
+
+def peak_gpu_memory_per_device_gib(device: str | None = None, reserved: bool = True) -> list[float] | None:
+    """Peak memory of every visible GPU since the last reset, in GiB, GPU 0 first; None on a CPU."""
+    if _device_type(device) != "cuda":
+        return None
+    peaks = []
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(index)
+        peaks.append((torch.cuda.max_memory_reserved(index) if reserved else torch.cuda.max_memory_allocated(index)) / GIB)
+    return peaks
 
 
 @dataclass
@@ -433,6 +448,35 @@ def capture_transformer_inputs(pipe, prompt: str, call_kwargs: dict[str, Any], s
     return captured
 
 
+def random_transformer_inputs(config, height: int = 1024, width: int = 1024, text_tokens: int = 512,
+                              device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                              seed: int = 0) -> dict[str, Any]:
+    """Inputs for one FLUX transformer call at `height`×`width`, drawn from a seeded normal distribution.
+
+    Shaped as `FluxPipeline` shapes them (2×2 latent patches of an 8× smaller latent, position ids,
+    timestep in [0, 1], guidance 3.5), from the transformer's `config` alone: for comparing a
+    full-size transformer with its quantized self without loading the text encoders.
+    """
+    from diffusers import FluxPipeline
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    rows, cols = height // 16, width // 16  # the VAE divides by 8, then 2x2 patches are packed
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    return {
+        "hidden_states": normal(1, rows * cols, config["in_channels"]),
+        "encoder_hidden_states": normal(1, text_tokens, config["joint_attention_dim"]),
+        "pooled_projections": normal(1, config["pooled_projection_dim"]),
+        "timestep": torch.tensor([0.5], device=device, dtype=dtype),
+        "guidance": torch.tensor([3.5], device=device, dtype=dtype) if config.get("guidance_embeds") else None,
+        "img_ids": FluxPipeline._prepare_latent_image_ids(1, rows, cols, device, dtype),
+        "txt_ids": torch.zeros(text_tokens, 3, device=device, dtype=dtype),
+        "return_dict": False,
+    }
+
+
 def capture_linear_inputs(model: torch.nn.Module, run: Callable[[], Any],
                           names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """The input of each `nn.Linear` in `model` (or of those in `names`) during `run()`, copied to the CPU.
@@ -496,6 +540,19 @@ def load_rows(path: str | os.PathLike) -> list[Measurement]:
         raise ValueError(f"{path} is not valid JSON ({error}). Re-run the benchmark that wrote it.") from error
     known = {f.name for f in fields(Measurement)}
     return [Measurement(**{k: v for k, v in r.items() if k in known}) for r in records]
+
+
+def projected_s_per_image(row: Measurement | dict, steps: int = 50) -> float | None:
+    """Seconds per image at `steps` denoising steps, from a row measured at fewer or more steps.
+
+    The row's own seconds per image, plus (or minus) its median ms per step for each step it lacks:
+    an estimate, used to put slow recipes measured with few steps beside 50-step figures.
+    """
+    get = row.get if isinstance(row, dict) else lambda name: getattr(row, name)
+    s_per_image, ms_per_step, row_steps = get("s_per_image"), get("ms_per_step"), get("steps")
+    if s_per_image is None or ms_per_step is None or row_steps is None:
+        return None
+    return s_per_image + (steps - row_steps) * ms_per_step / 1000
 
 
 def results_dir() -> Path:

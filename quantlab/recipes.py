@@ -68,6 +68,8 @@ class Recipe:
     layerwise_storage_dtype: torch.dtype | None = None
     gguf_type: str | None = None
     offload: str | None = None
+    vae_tiling: bool = False  # decode the image tile by tile (`pipe.vae.enable_tiling()`)
+    device_map: str | None = None  # "balanced": accelerate spreads the components over every GPU
     requires: Requirements = Requirements()
 
     def quantization_config(self, dtype: torch.dtype = torch.bfloat16):
@@ -235,6 +237,18 @@ def _with_offload(recipe: Recipe, offload: str) -> Recipe:
     )
 
 
+def _with_vae_tiling(recipe: Recipe) -> Recipe:
+    return dataclasses.replace(recipe, name=f"{recipe.name}+vae-tiling", vae_tiling=True,
+                               description=f"{recipe.description}, decoding the image tile by tile")
+
+
+_BALANCED_NEEDS = Requirements(
+    cuda=True,
+    why="device_map='balanced' spreads the pipeline's components over the CUDA GPUs it sees",
+    instead="one GPU with an offload recipe (for example bf16+model-offload), or the CPU with the tiny model",
+)
+
+
 def _build_registry() -> dict[str, Recipe]:
     base = [
         Recipe("bf16", "none", "no quantization: the baseline in the pipeline dtype (bf16, or fp16 without bf16)"),
@@ -271,6 +285,15 @@ def _build_registry() -> dict[str, Recipe]:
         _with_offload(registry["fp8-layerwise-e4m3"], "group-leaf-stream"),
         _with_offload(registry["gguf-q2_k"], "model"),
     ]
+    # candidates for the smallest GPU footprint (chapter 05): offloading plus tile-by-tile decoding
+    offloaded += [
+        _with_vae_tiling(_with_offload(registry[name], mode))
+        for name, mode in [("bf16", "sequential"), ("bnb-4bit-nf4", "model"),
+                           ("gguf-q2_k", "group-leaf-stream"), ("fp8-layerwise-e4m3", "group-leaf-stream")]
+    ]
+    offloaded.append(dataclasses.replace(
+        registry["bf16"], name="bf16+balanced", device_map="balanced", requires=_BALANCED_NEEDS,
+        description="no quantization, components spread over the GPUs by accelerate (device_map='balanced')"))
     registry.update({r.name: r for r in offloaded})
     return registry
 
@@ -358,6 +381,12 @@ def load_pipeline(model: str | None = None, recipe: str | Recipe = "bf16", *, de
         raise UnsupportedHardwareError(
             f"Model {spec.name!r} needs a CUDA GPU, and this device is {info.label}. Use QUANTLAB_MODEL=tiny."
         )
+    if recipe.gguf_type and recipe.offload == "sequential":
+        raise ValueError(
+            f"Recipe {recipe.name!r}: sequential offload cannot move GGUF weights in diffusers 0.42 (accelerate "
+            "re-creates each parameter without its GGUF type and fails with KeyError: None). Use group offload "
+            "instead: gguf-q2_k+group-leaf-stream-offload+vae-tiling, or gguf-q2_k+model-offload."
+        )
     check_runs_here(recipe, info, dtype)
     if recipe.gguf_type and gguf_file is None:
         raise ValueError(
@@ -379,8 +408,11 @@ def load_pipeline(model: str | None = None, recipe: str | Recipe = "bf16", *, de
             str(gguf_file), quantization_config=recipe.gguf_config(dtype), config=path, subfolder="transformer",
             dtype=dtype,
         )
-    placed_while_loading = recipe.backend == "torchao" and recipe.offload is None and info.kind == "cuda"
-    if placed_while_loading:
+    placed_while_loading = recipe.device_map is not None or (
+        recipe.backend == "torchao" and recipe.offload is None and info.kind == "cuda")
+    if recipe.device_map is not None:
+        load_kwargs["device_map"] = recipe.device_map
+    elif placed_while_loading:
         # torchao quantizes each weight where it is loaded, and without a device map that is the CPU:
         # for the 12B transformer, over six minutes of a GPU run went by there without finishing
         load_kwargs["device_map"] = torch.device(device).type
@@ -389,4 +421,6 @@ def load_pipeline(model: str | None = None, recipe: str | Recipe = "bf16", *, de
     )
     if recipe.layerwise_storage_dtype is not None:
         pipe.transformer.enable_layerwise_casting(storage_dtype=recipe.layerwise_storage_dtype, compute_dtype=dtype)
+    if recipe.vae_tiling:
+        pipe.vae.enable_tiling()
     return pipe if placed_while_loading else place_pipeline(pipe, device, recipe.offload)

@@ -6,8 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["image_grid", "side_by_side", "bar_chart", "memory_time_bars", "histogram", "byte_layout", "ImageFlipper",
-           "image_flipper"]
+__all__ = ["image_grid", "side_by_side", "bar_chart", "memory_time_bars", "memory_time_scatter", "histogram",
+           "byte_layout", "ImageFlipper", "image_flipper"]
 
 
 def _figure(nrows: int, ncols: int, cell_inches: float = 3.0):
@@ -99,6 +99,49 @@ def memory_time_bars(frame, label: str = "recipe", memory: str = "mem_after_load
         ax.set_xlabel(column)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def memory_time_scatter(frame, memory: str = "peak_gpu_mem_gib", time: str = "s_per_image", label: str = "recipe",
+                        source: str = "source", limit_gib: float | None = None, limit_label: str = "limit",
+                        log_time: bool = True, title: str | None = None):
+    """Peak memory (y) against time (x), one point per row, labelled; rows of each `source` get their own marker.
+
+    Rows with the same `label` in several sources (ours and the blog's, say) are joined by a thin
+    line, so that each pair is easy to find. `limit_gib` draws a horizontal line (a GPU's memory).
+    """
+    import matplotlib.pyplot as plt
+
+    _check_columns(frame, memory, time, label)
+    drawn = frame[frame[memory].notna() & frame[time].notna()]
+    if drawn.empty:
+        raise ValueError(f"Nothing to draw: no row has both {memory} and {time}.")
+    sources = list(dict.fromkeys(drawn[source])) if source in drawn.columns else [None]
+    markers = "os^Dv<>"
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for i, name in enumerate(sources):
+        rows = drawn if name is None else drawn[drawn[source] == name]
+        ax.scatter(rows[time], rows[memory], marker=markers[i % len(markers)], s=46, label=name,
+                   facecolors="none" if i else None, edgecolors=f"C{i}", color=f"C{i}")
+        for row in rows.itertuples():
+            ax.annotate(str(getattr(row, label)), (getattr(row, time), getattr(row, memory)), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points", color=f"C{i}")
+    if source in drawn.columns and len(sources) > 1:
+        for _, group in drawn.groupby(label):
+            if len(group) > 1:
+                ax.plot(group[time], group[memory], color="grey", linewidth=0.6, alpha=0.6, zorder=0)
+    if limit_gib is not None:
+        ax.axhline(limit_gib, color="black", linestyle="--", linewidth=1)
+        ax.text(ax.get_xlim()[0], limit_gib, f" {limit_label}", fontsize=8, va="bottom")
+    if log_time:
+        ax.set_xscale("log")
+    ax.set_xlabel(time)
+    ax.set_ylabel(memory)
+    if sources != [None]:
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     return fig
 

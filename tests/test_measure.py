@@ -512,3 +512,28 @@ def test_folder_bytes_adds_nested_files(tmp_path):
     (tmp_path / "a" / "x.bin").write_bytes(b"\0" * 1000)
     (tmp_path / "y.json").write_text("12345")
     assert measure.folder_bytes(tmp_path) == 1005
+
+
+def test_projected_s_per_image_adds_the_missing_steps():
+    row = {"s_per_image": 46.0, "ms_per_step": 4400.0, "steps": 10}
+    assert measure.projected_s_per_image(row, steps=50) == pytest.approx(46.0 + 40 * 4.4)
+    assert measure.projected_s_per_image({**row, "steps": 50}, steps=50) == 46.0
+    assert measure.projected_s_per_image({**row, "ms_per_step": None}) is None
+
+
+def test_random_transformer_inputs_fit_the_transformer(tiny_path):
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_path, subfolder="transformer", torch_dtype=torch.bfloat16)
+    inputs = measure.random_transformer_inputs(transformer.config, 128, 64, text_tokens=16, seed=3)
+    assert inputs["hidden_states"].shape == (1, 8 * 4, transformer.config.in_channels)
+    assert inputs["img_ids"].shape == (32, 3) and inputs["txt_ids"].shape == (16, 3)
+    with torch.no_grad():
+        output = transformer(**inputs)[0]
+    assert output.shape == inputs["hidden_states"].shape and torch.isfinite(output).all()
+    again = measure.random_transformer_inputs(transformer.config, 128, 64, text_tokens=16, seed=3)
+    assert torch.equal(again["encoder_hidden_states"], inputs["encoder_hidden_states"])
+
+
+def test_per_device_peak_is_none_on_a_cpu():
+    assert measure.peak_gpu_memory_per_device_gib("cpu") is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -142,7 +144,8 @@ def test_offload_variants():
     assert {f"bf16+{mode}-offload" for mode in OFFLOAD_MODES} <= set(offloaded)
     for name, recipe in offloaded.items():
         assert recipe.offload in OFFLOAD_MODES
-        assert name.endswith(f"+{recipe.offload}-offload")
+        assert name.removesuffix("+vae-tiling").endswith(f"+{recipe.offload}-offload")
+        assert recipe.vae_tiling == name.endswith("+vae-tiling")
         assert recipe.requires.cuda is True
     # an offloaded bnb recipe keeps bnb's own requirements (and its advice)
     assert RECIPES["bnb-8bit+model-offload"].requires == RECIPES["bnb-8bit"].requires
@@ -172,7 +175,41 @@ def test_list_recipes():
     assert ql.list_recipes() == list(RECIPES)
     assert ql.list_recipes("no-such-backend") == []
     assert ql.list_recipes("layerwise") == ["fp8-layerwise-e4m3", "fp8-layerwise-e5m2",
-                                            "fp8-layerwise-e4m3+group-leaf-stream-offload"]
+                                            "fp8-layerwise-e4m3+group-leaf-stream-offload",
+                                            "fp8-layerwise-e4m3+group-leaf-stream-offload+vae-tiling"]
+
+
+def test_smallest_footprint_candidates_tile_the_vae_and_need_a_gpu():
+    tiled = {n for n, r in RECIPES.items() if r.vae_tiling}
+    assert tiled == {"bf16+sequential-offload+vae-tiling", "bnb-4bit-nf4+model-offload+vae-tiling",
+                     "gguf-q2_k+group-leaf-stream-offload+vae-tiling",
+                     "fp8-layerwise-e4m3+group-leaf-stream-offload+vae-tiling"}
+    assert all(RECIPES[n].requires.cuda for n in tiled)
+    # GGUF cannot be sequentially offloaded (measured on an H100), so no recipe offers it
+    assert not any(r.gguf_type and r.offload == "sequential" for r in RECIPES.values())
+
+
+def test_load_pipeline_tiles_the_vae_when_the_recipe_says_so():
+    recipe = dataclasses.replace(get_recipe("bf16"), name="bf16+vae-tiling", vae_tiling=True)
+    pipe = ql.load_pipeline("tiny", recipe, device="cpu")
+    assert pipe.vae.use_tiling is True
+    assert ql.load_pipeline("tiny", "bf16", device="cpu").vae.use_tiling is False
+
+
+def test_gguf_with_sequential_offload_is_refused_before_loading(monkeypatch):
+    monkeypatch.setattr(ql.models, "model_path", lambda *a, **k: pytest.fail("must not reach the model"))
+    recipe = dataclasses.replace(get_recipe("gguf-q2_k"), name="gguf-q2_k+sequential-offload", offload="sequential")
+    with pytest.raises(ValueError, match="sequential offload cannot move GGUF weights") as error:
+        ql.load_pipeline("tiny", recipe, device="cpu", gguf_file="unused.gguf")
+    assert "group-leaf-stream-offload" in str(error.value)
+
+
+def test_balanced_placement_needs_a_gpu_and_says_what_to_do():
+    recipe = get_recipe("bf16+balanced")
+    assert recipe.device_map == "balanced" and recipe.offload is None
+    with pytest.raises(ql.UnsupportedHardwareError, match="device_map='balanced'") as error:
+        ql.load_pipeline("tiny", recipe, device="cpu")
+    assert "bf16+model-offload" in str(error.value)
 
 
 # --- check_runs_here ----------------------------------------------------------------------------

@@ -241,3 +241,28 @@ def test_histogram_draws_one_line_per_marker_and_a_legend_entry_per_set():
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
     assert ax.get_title() == "t" and ax.get_xlabel() == "x"
     assert sum(p.get_height() for p in ax.patches) == 1000
+
+
+def test_memory_time_scatter_draws_one_point_per_row_and_source():
+    frame = pd.DataFrame([
+        {"recipe": "bf16", "peak_gpu_mem_gib": 36.2, "s_per_image": 8.9, "source": "ours"},
+        {"recipe": "nf4+offload", "peak_gpu_mem_gib": 7.6, "s_per_image": 16.0, "source": "ours"},
+        {"recipe": "bf16", "peak_gpu_mem_gib": 36.166, "s_per_image": 12.0, "source": "blog"},
+        {"recipe": "missing", "peak_gpu_mem_gib": None, "s_per_image": 3.0, "source": "blog"},
+    ])
+    fig = viz.memory_time_scatter(frame, limit_gib=8)
+    ax = fig.axes[0]
+    offsets = [c.get_offsets() for c in ax.collections]
+    assert [len(o) for o in offsets] == [2, 1]  # the row without a peak is not drawn
+    assert sorted(float(x) for x, _ in offsets[0]) == [8.9, 16.0]
+    assert len(ax.lines) == 2  # bf16's pair joined, and the 8 GiB line
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ours", "blog"]
+    assert ax.get_xscale() == "log"
+    plt.close(fig)
+
+
+def test_memory_time_scatter_needs_its_columns_and_a_point():
+    with pytest.raises(ValueError, match="No column 'peak_gpu_mem_gib'"):
+        viz.memory_time_scatter(pd.DataFrame({"recipe": ["a"], "s_per_image": [1.0]}))
+    with pytest.raises(ValueError, match="Nothing to draw"):
+        viz.memory_time_scatter(pd.DataFrame({"recipe": ["a"], "s_per_image": [1.0], "peak_gpu_mem_gib": [None]}))
