@@ -56,6 +56,7 @@ __all__ = [
     "load_results",
     "peak_gpu_memory_per_device_gib",
     "projected_s_per_image",
+    "require_columns",
     "record",
 ]
 
@@ -509,6 +510,13 @@ def to_frame(rows: Iterable[Measurement | dict]):
     import pandas as pd
 
     return pd.DataFrame([asdict(r) if isinstance(r, Measurement) else dict(r) for r in rows])
+
+
+def require_columns(frame, *columns: str) -> None:
+    """Raise `ValueError` naming the first of `columns` that `frame` lacks, and the columns it has."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"No column {missing[0]!r}. Columns: {', '.join(frame.columns)}.")
 
 
 def save_rows(rows: Iterable[Measurement | dict], path: str | os.PathLike) -> Path:

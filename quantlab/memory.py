@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .measure import require_columns
+
 __all__ = [
     "layerwise_skip_patterns",
     "layerwise_casting_plan",
@@ -113,23 +115,18 @@ def component_placement(pipe) -> dict[str, dict[str, Any]]:
     return placement
 
 
-def lowest_peak(frame, peak: str = "peak_gpu_mem_gib"):
+def lowest_peak(frame, peak: str = "peak_gpu_mem_gib", time: str = "s_per_image"):
     """The row of `frame` with the smallest peak GPU memory (ties: the faster one)."""
-    _need(frame, peak, "s_per_image")
+    require_columns(frame, peak, time)
     ran = frame[frame[peak].notna()]
     if ran.empty:
         raise ValueError(f"No row of the frame has a {peak}: nothing was measured on a GPU.")
-    return ran.sort_values([peak, "s_per_image"]).iloc[0]
+    return ran.sort_values([peak, time]).iloc[0]
 
 
 def fastest_within(frame, peak_gib: float, peak: str = "peak_gpu_mem_gib", time: str = "s_per_image"):
     """The fastest row of `frame` whose peak GPU memory is at most `peak_gib`, or None if none fits."""
-    _need(frame, peak, time)
+    require_columns(frame, peak, time)
     fits = frame[frame[peak].notna() & (frame[peak] <= peak_gib)]
     return None if fits.empty else fits.sort_values([time, peak]).iloc[0]
 
-
-def _need(frame, *columns: str) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"No column {missing[0]!r}. Columns: {', '.join(frame.columns)}.")

@@ -6,6 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .measure import require_columns
+
 __all__ = ["image_grid", "side_by_side", "bar_chart", "memory_time_bars", "memory_time_scatter", "histogram",
            "byte_layout", "ImageFlipper", "image_flipper"]
 
@@ -51,12 +53,6 @@ def side_by_side(left, right, left_caption: str = "reference", right_caption: st
     return image_grid(images, captions, ncols=len(images))
 
 
-def _check_columns(frame, *columns: str) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"No column {missing[0]!r}. Columns: {', '.join(frame.columns)}.")
-
-
 def _barh(ax, labels, values) -> None:
     """Horizontal bars, first row on top, each labelled with its value; a missing value leaves a gap."""
     values = np.asarray(values, dtype=float)
@@ -71,7 +67,7 @@ def bar_chart(frame, value: str, label: str = "recipe", title: str | None = None
     """A horizontal bar chart of column `value` for each row, labelled by column `label`."""
     import matplotlib.pyplot as plt
 
-    _check_columns(frame, label, value)
+    require_columns(frame, label, value)
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(frame) + 1.2))
     _barh(ax, frame[label], frame[value])
     ax.set_xlabel(value)
@@ -89,7 +85,7 @@ def memory_time_bars(frame, label: str = "recipe", memory: str = "mem_after_load
     """Memory and time side by side, one bar per row of `frame`, rows aligned across the panels."""
     import matplotlib.pyplot as plt
 
-    _check_columns(frame, label)
+    require_columns(frame, label)
     columns = [c for c in (memory, "peak_gpu_mem_gib", time) if c in frame.columns and frame[c].notna().any()]
     if not columns:
         raise ValueError(f"Nothing to draw: {memory}, peak_gpu_mem_gib and {time} are all missing or empty.")
@@ -113,7 +109,7 @@ def memory_time_scatter(frame, memory: str = "peak_gpu_mem_gib", time: str = "s_
     """
     import matplotlib.pyplot as plt
 
-    _check_columns(frame, memory, time, label)
+    require_columns(frame, memory, time, label)
     drawn = frame[frame[memory].notna() & frame[time].notna()]
     if drawn.empty:
         raise ValueError(f"Nothing to draw: no row has both {memory} and {time}.")
