@@ -2,12 +2,12 @@
 
 Notebooks import it as ``import quantlab as ql`` and call ``ql.models``, ``ql.recipes``,
 ``ql.measure``, ``ql.viz`` and ``ql.env``, and a module per topic (``ql.bnb``, ``ql.gguf``,
-``ql.torchao``, ``ql.quanto``, ``ql.memory``); the most used functions are also here at the top.
+``ql.torchao``, ``ql.quanto``, ``ql.memory``, ``ql.speed``); the most used functions are also here at the top.
 """
 
 import importlib
 
-from . import bnb, env, gguf, gguf_quants, measure, memory, models, quanto, recipes, torchao, viz
+from . import bnb, env, gguf, gguf_quants, measure, memory, models, quanto, recipes, speed, torchao, viz
 from .env import report
 from .models import ModelUnavailableError, get_model, list_models, model_path
 from .recipes import UnsupportedHardwareError, check_runs_here, get_recipe, list_recipes, load_pipeline
@@ -26,6 +26,7 @@ __all__ = [
     "models",
     "quanto",
     "recipes",
+    "speed",
     "torchao",
     "viz",
     "report",

@@ -41,6 +41,7 @@ __all__ = [
     "folder_bytes",
     "synchronize",
     "time_callable",
+    "time_first_call",
     "time_generation",
     "psnr_db",
     "ssim",
@@ -317,6 +318,20 @@ def time_callable(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3,
         synchronize(device)
         samples.append(time.perf_counter() - start)
     return TimingStats.of(samples)
+
+
+def time_first_call(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3,
+                    device: str | None = None) -> tuple[Any, float, TimingStats]:
+    """`fn()`'s first result and seconds (which include any compiling), then its steady timing.
+
+    The first call is timed alone, because for a compiled model it is compile time plus one run.
+    """
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    first_call_s = time.perf_counter() - start
+    return result, first_call_s, time_callable(fn, warmup=warmup, repeats=repeats, device=device)
 
 
 @dataclass

@@ -35,6 +35,7 @@ __all__ = [
     "get_model",
     "model_path",
     "cache_dir",
+    "build_component",
     "build_embedded_model",
     "component_configs",
     "meta_component",
@@ -432,6 +433,15 @@ def _build_component(component: str, config: dict, device: str, dtype: torch.dty
         torch.set_default_dtype(previous)
     _randomize_(module, generator)
     return module.eval()
+
+
+def build_component(name: str | None, component: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                    seed: int = 0) -> torch.nn.Module:
+    """`component` of embedded model `name` in memory: the random weights its folder holds when built on `device`."""
+    spec = get_model(name)
+    if spec.source != "embedded":
+        raise ValueError(f"{spec.name!r} is downloaded from the Hub, not built. Embedded models: {_embedded_names()}.")
+    return _build_component(component, spec.configs[component], device, dtype, seed)
 
 
 def build_embedded_model(name: str, path: str | os.PathLike, seed: int = 0, device: str | None = None) -> Path:

@@ -63,17 +63,23 @@ def _barh(ax, labels, values) -> None:
 
 
 def bar_chart(frame, value: str, label: str = "recipe", title: str | None = None, reference: float | None = None,
-              reference_label: str = "reference"):
-    """A horizontal bar chart of column `value` for each row, labelled by column `label`."""
+              reference_label: str = "reference", references: dict[str, float] | None = None):
+    """A horizontal bar chart of column `value` for each row, labelled by column `label`.
+
+    `reference` draws one dashed line; `references` draws one per entry, labelled by its key.
+    """
     import matplotlib.pyplot as plt
 
     require_columns(frame, label, value)
+    lines = dict(references or {})
+    if reference is not None:
+        lines[reference_label] = reference
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(frame) + 1.2))
     _barh(ax, frame[label], frame[value])
     ax.set_xlabel(value)
-    if reference is not None:
-        ax.axvline(reference, color="black", linestyle="--", linewidth=1)
-        ax.text(reference, -0.6, f" {reference_label}", fontsize=8, va="bottom")
+    for index, (name, x) in enumerate(lines.items()):
+        ax.axvline(x, color="black", linestyle=("--", ":", "-.")[index % 3], linewidth=1)
+        ax.text(x, -0.6 - 0.5 * index, f" {name}", fontsize=8, va="bottom")
     if title:
         ax.set_title(title)
     fig.tight_layout()

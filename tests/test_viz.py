@@ -148,6 +148,13 @@ def test_bar_chart_reference_line():
     assert any(t.get_text().strip() == "bf16" for t in ax.texts)
 
 
+def test_bar_chart_draws_one_labelled_line_per_reference():
+    fig = viz.bar_chart(_frame(), "s_per_image", references={"bf16 floor": 7.5, "fp8 floor": 4.5})
+    ax = fig.axes[0]
+    assert sorted(line.get_xdata()[0] for line in ax.lines) == [4.5, 7.5]
+    assert {t.get_text().strip() for t in ax.texts} >= {"bf16 floor", "fp8 floor"}
+
+
 def test_bar_chart_without_reference_draws_no_line():
     fig = viz.bar_chart(_frame(), "s_per_image")
     assert len(fig.axes[0].lines) == 0

@@ -1,0 +1,466 @@
+"""Speed: what makes one FLUX transformer step fast, measured against the compute floor.
+
+A speed recipe is a `+`-joined name, read left to right as the order the steps are applied:
+the weights (`bf16`, or a torchao dynamic-activation config), then `fused-qkv`, `attn-<backend>`,
+`compile[-regional][-<mode>]` and `vae-channels-last`. For example
+`float8dq-tensor+fused-qkv+attn-cudnn+compile-regional-max-autotune-no-cudagraphs`.
+`apply_speed_recipe` applies one to a pipeline (or a bare transformer) with the real diffusers,
+torchao and torch calls; `make_fast` applies the fastest measured recipe that runs here.
+`python -m quantlab.speed` times recipes on a transformer alone: one denoising step is one
+transformer forward pass (FLUX.1-dev is guidance-distilled, so there is no second pass for CFG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import env, measure, models
+from .recipes import UnsupportedHardwareError
+
+__all__ = [
+    "SpeedRecipe",
+    "QUANTIZATIONS",
+    "ATTENTION_BACKENDS",
+    "COMPILE_MODES",
+    "PEAK_DENSE_TFLOPS",
+    "parse_speed_recipe",
+    "check_speed_recipe",
+    "apply_speed_recipe",
+    "fastest_recipe",
+    "make_fast",
+    "transformer_tflop_per_step",
+    "peak_tflops",
+    "floor_ms_per_step",
+    "amortized_s_per_image",
+    "break_even_images",
+    "run_speed_recipe",
+    "run_vae_decode",
+    "speed_table",
+]
+
+# torchao configs that quantize the activations too, so the matmuls themselves run in 8 bits.
+QUANTIZATIONS = ("float8dq-row", "float8dq-tensor", "int8dq")
+_FP8 = ("float8dq-row", "float8dq-tensor")
+
+# Our short names for diffusers' attention backends that come with PyTorch (no extra package).
+ATTENTION_BACKENDS = {
+    "native": "native",  # PyTorch's SDPA picks a kernel itself
+    "flash": "_native_flash",
+    "cudnn": "_native_cudnn",
+    "efficient": "_native_efficient",
+    "math": "_native_math",
+}
+_CUDA_ONLY_ATTENTION = ("flash", "cudnn", "efficient")
+
+# torch.compile modes; "default" passes no mode. The last two capture CUDA graphs.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+
+# Dense tensor-core peak of each GPU the course meets, in TFLOP/s (NVIDIA datasheets, without sparsity).
+PEAK_DENSE_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.0, "fp8": 1513.0},
+    "H100": {"bf16": 989.4, "fp8": 1978.9},  # SXM; also the H100 80GB HBM3 the GPU box lends
+    "H200": {"bf16": 989.4, "fp8": 1978.9},
+    "A100": {"bf16": 312.0, "fp8": None},
+    "L4": {"bf16": 121.0, "fp8": 242.0},
+    "T4": {"bf16": None, "fp16": 65.0, "fp8": None},
+}
+
+
+@dataclass(frozen=True)
+class SpeedRecipe:
+    """The steps of one speed recipe, in the order `apply_speed_recipe` applies them."""
+
+    name: str
+    quantization: str | None = None  # one of QUANTIZATIONS, None for bf16/fp16 weights
+    fuse_qkv: bool = False
+    attention: str | None = None  # a key of ATTENTION_BACKENDS
+    compile_mode: str | None = None  # one of COMPILE_MODES, None for eager
+    regional: bool = False  # compile_repeated_blocks() rather than the whole transformer
+    vae_channels_last: bool = False
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the matmuls run in float8."""
+        return self.quantization in _FP8
+
+
+def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
+    """Read a recipe name such as `bf16+fused-qkv+compile-regional`; `ValueError` names what is wrong."""
+    if isinstance(name, SpeedRecipe):
+        return name
+    weights, *steps = name.split("+")
+    if weights not in ("bf16", *QUANTIZATIONS):
+        raise ValueError(f"Speed recipe {name!r} must start with the weights: bf16 or one of {', '.join(QUANTIZATIONS)}.")
+    recipe = SpeedRecipe(name, quantization=None if weights == "bf16" else weights)
+    for step in steps:
+        if step == "fused-qkv":
+            recipe = replace(recipe, fuse_qkv=True)
+        elif step == "vae-channels-last":
+            recipe = replace(recipe, vae_channels_last=True)
+        elif step.startswith("attn-") and step[5:] in ATTENTION_BACKENDS:
+            recipe = replace(recipe, attention=step[5:])
+        elif step == "compile" or step.startswith("compile-"):
+            rest = step[len("compile"):].lstrip("-")
+            regional = rest == "regional" or rest.startswith("regional-")
+            mode = rest[len("regional"):].lstrip("-") if regional else rest
+            if mode and mode not in COMPILE_MODES:
+                raise ValueError(f"Unknown compile mode {mode!r} in {name!r}. Modes: {', '.join(COMPILE_MODES)}.")
+            recipe = replace(recipe, compile_mode=mode or "default", regional=regional)
+        else:
+            raise ValueError(
+                f"Unknown step {step!r} in speed recipe {name!r}. Steps: fused-qkv, "
+                f"attn-{{{','.join(ATTENTION_BACKENDS)}}}, compile[-regional][-{{{','.join(COMPILE_MODES)}}}], "
+                "vae-channels-last."
+            )
+    return recipe
+
+
+def check_speed_recipe(recipe: str | SpeedRecipe, device: env.DeviceInfo | None = None) -> SpeedRecipe:
+    """Raise `UnsupportedHardwareError` if `recipe` cannot run on `device`; changes nothing."""
+    recipe = parse_speed_recipe(recipe)
+    device = device or env.device_info()
+    if recipe.fp8 and not device.fp8:
+        raise UnsupportedHardwareError(
+            f"Speed recipe {recipe.name!r} runs its matmuls in float8, which needs a CUDA GPU of compute "
+            f"capability 8.9+ (Ada or Hopper), and this device is {device.label}. Instead: int8dq, or bf16 "
+            "(fp16 on a T4) with fused-qkv and compile-regional; `ql.speed.fastest_recipe()` picks the "
+            "fastest measured one that runs here."
+        )
+    if recipe.attention in _CUDA_ONLY_ATTENTION and device.kind != "cuda":
+        raise UnsupportedHardwareError(
+            f"Speed recipe {recipe.name!r}: the {recipe.attention} attention kernel is a CUDA kernel, and this "
+            f"device is {device.label}. Instead: attn-native, which lets PyTorch pick a CPU kernel."
+        )
+    return recipe
+
+
+def _quantization_config(name: str):
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        PerRow,
+        PerTensor,
+    )
+
+    if name == "int8dq":
+        return Int8DynamicActivationInt8WeightConfig()
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow() if name == "float8dq-row" else PerTensor())
+
+
+def apply_speed_recipe(pipe, recipe: str | SpeedRecipe, device: env.DeviceInfo | None = None):
+    """Apply `recipe` to a FluxPipeline, or to a bare FluxTransformer2DModel, in place; returns it.
+
+    Every check happens first, so a recipe this device cannot run changes nothing.
+    """
+    recipe = check_speed_recipe(recipe, device or env.device_info(_module_device(pipe)))
+    transformer = getattr(pipe, "transformer", pipe)
+    if recipe.vae_channels_last and not hasattr(pipe, "vae"):
+        raise ValueError(f"Speed recipe {recipe.name!r} changes the VAE; pass the whole pipeline, not a transformer.")
+    if recipe.fuse_qkv:  # before quantizing, so that the fused Linear is the one quantized
+        transformer.fuse_qkv_projections()
+    if recipe.quantization:
+        from torchao.quantization import quantize_
+
+        quantize_(transformer, _quantization_config(recipe.quantization))
+    if recipe.attention:
+        transformer.set_attention_backend(ATTENTION_BACKENDS[recipe.attention])
+    if recipe.compile_mode:
+        options = {"fullgraph": True, "mode": None if recipe.compile_mode == "default" else recipe.compile_mode}
+        if recipe.regional:
+            transformer.compile_repeated_blocks(**options)
+        else:
+            transformer.compile(**options)
+    if recipe.vae_channels_last:
+        pipe.vae.to(memory_format=torch.channels_last)
+    return pipe
+
+
+def _module_device(pipe) -> str:
+    module = getattr(pipe, "transformer", pipe)
+    return next(module.parameters()).device.type
+
+
+def fastest_recipe(device: env.DeviceInfo | None = None, results: str = "06_speed_flux-dev-shaped") -> str:
+    """The fastest recipe in the committed results (ms per step) that runs on `device`."""
+    device = device or env.device_info()
+    frame = measure.load_results(results)
+    frame = frame[frame["ms_per_step"].notna() & frame["recipe"].str.match(r"^(bf16|float8|int8)")]
+    reasons = []
+    for name in frame.sort_values("ms_per_step")["recipe"]:
+        try:
+            check_speed_recipe(name, device)
+            return name
+        except UnsupportedHardwareError as error:
+            reasons.append(str(error))
+    raise UnsupportedHardwareError(f"No measured speed recipe runs on {device.label}: {reasons[:1]}")
+
+
+def make_fast(pipe, recipe: str | SpeedRecipe | None = None, device: env.DeviceInfo | None = None):
+    """Apply `recipe`, or else the fastest measured one that runs on this device, to a FLUX pipeline."""
+    device = device or env.device_info(_module_device(pipe))
+    return apply_speed_recipe(pipe, recipe or fastest_recipe(device), device)
+
+
+# --- the floor --------------------------------------------------------------------------------
+
+
+def _tokens_of(linear_name: str, image_tokens: int, text_tokens: int) -> int:
+    """How many token rows pass through the Linear called `linear_name` in one FLUX forward pass."""
+    if linear_name.startswith("time_text_embed") or "norm" in linear_name:
+        return 1  # timestep, guidance and pooled-text embeddings, and the AdaLN modulation from them
+    if linear_name.startswith("single_transformer_blocks"):
+        return image_tokens + text_tokens  # single-stream blocks see the joined sequence
+    if "context" in linear_name or "add_" in linear_name or "_added_" in linear_name:
+        return text_tokens  # the text stream of the double-stream blocks, and the text embedder
+    return image_tokens
+
+
+def transformer_tflop_per_step(transformer: torch.nn.Module, height: int = 1024, width: int = 1024,
+                               text_tokens: int = 512) -> dict[str, float]:
+    """TFLOP of one forward pass: every Linear on the tokens it sees, plus attention's two matmuls.
+
+    Counts 2 FLOP per multiply-add, walks the real module tree (the meta device is fine), and
+    leaves out elementwise work, which is memory-bound rather than compute-bound.
+    """
+    image_tokens = (height // 16) * (width // 16)
+    # fuse_qkv_projections() keeps the separate projections beside the fused one, unused: skip them
+    unused = {f"{name}.{projection}" for name, m in transformer.named_modules() if getattr(m, "fused_projections", False)
+              for projection in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
+    linear = sum(
+        2 * m.in_features * m.out_features * _tokens_of(name, image_tokens, text_tokens)
+        for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and name not in unused
+    )
+    config = transformer.config
+    inner = config.num_attention_heads * config.attention_head_dim
+    blocks = config.num_layers + config.num_single_layers
+    attention = blocks * 2 * 2 * (image_tokens + text_tokens) ** 2 * inner  # Q·Kᵀ and P·V
+    return {"linear_tflop": linear / 1e12, "attention_tflop": attention / 1e12,
+            "total_tflop": (linear + attention) / 1e12}
+
+
+def peak_tflops(device_name: str, dtype: str = "bf16") -> float | None:
+    """Dense tensor-core peak of the GPU called `device_name` in `dtype`, or None if unknown."""
+    for key in PEAK_DENSE_TFLOPS:  # "H100 PCIe" before "H100"
+        if key in device_name:
+            return PEAK_DENSE_TFLOPS[key].get(dtype)
+    return None
+
+
+def floor_ms_per_step(tflop: dict[str, float], device_name: str, fp8_linears: bool = False) -> float | None:
+    """The fastest a step could be on that GPU: its FLOPs at the dense tensor-core peak.
+
+    With `fp8_linears`, the Linear layers count at the fp8 peak and attention stays at bf16.
+    """
+    bf16 = peak_tflops(device_name, "bf16")
+    linear_peak = peak_tflops(device_name, "fp8") if fp8_linears else bf16
+    if bf16 is None or linear_peak is None:
+        return None
+    return (tflop["linear_tflop"] / linear_peak + tflop["attention_tflop"] / bf16) * 1e3
+
+
+def amortized_s_per_image(compile_s: float, s_per_image: float, images: int) -> float:
+    """Seconds per image over a run of `images`, when the first one also pays `compile_s`."""
+    return compile_s / images + s_per_image
+
+
+def break_even_images(compile_s: float, eager_s_per_image: float, compiled_s_per_image: float) -> float | None:
+    """How many images a compiled model must make before its compile time has paid for itself."""
+    saved = eager_s_per_image - compiled_s_per_image
+    return compile_s / saved if saved > 0 else None
+
+
+# Compiled pipeline rows measured in other chapters, shown beside this chapter's transformer-alone rows.
+PIPELINE_RESULTS = ("01_bitsandbytes_compile_flux-dev-shaped", "03_torchao_compile_flux-dev-shaped")
+
+
+def speed_table(results: str = "06_speed_flux-dev-shaped", pipeline_results: tuple[str, ...] = PIPELINE_RESULTS):
+    """Every committed ms-per-step row, with compile time, SQNR and its ratio to the compute floor.
+
+    Rows from `pipeline_results` were timed inside a whole pipeline run (chapters 01 and 03); their
+    `source` says so, and their floor is that of FLUX.1-dev at the same 1024×1024 size.
+    """
+    rows = [asdict(r) for r in measure.load_rows(measure.results_dir() / f"{results}.json")]
+    for row in rows:
+        row["source"] = "transformer alone (chapter 06)"
+    floor = transformer_tflop_per_step(models.meta_component("flux-dev-shaped", "transformer"))
+    for name in pipeline_results:
+        for row in measure.load_rows(measure.results_dir() / f"{name}.json"):
+            row = asdict(row)
+            gpu = row["device"]
+            fp8 = "float8" in row["recipe"]
+            row["extra"] = {**row["extra"], "floor_bf16_ms": floor_ms_per_step(floor, gpu),
+                            "floor_fp8_linears_ms": floor_ms_per_step(floor, gpu, fp8_linears=True) if fp8 else None}
+            if not row["extra"].get("compile_error"):
+                rows.append({**row, "source": f"whole pipeline (chapter {name[:2]})"})
+    frame = measure.to_frame(rows)
+    frame = frame[~frame["recipe"].str.startswith("vae-decode")].reset_index(drop=True)
+    extra = frame["extra"]
+    frame["compile_s"] = extra.map(lambda e: e.get("compile_s"))
+    frame["sqnr_db"] = extra.map(lambda e: e.get("sqnr_db"))
+    frame["x_bf16_floor"] = frame["ms_per_step"] / extra.map(lambda e: e.get("floor_bf16_ms"))
+    frame["error"] = extra.map(lambda e: e.get("error"))
+    return frame[["recipe", "source", "device", "ms_per_step", "x_bf16_floor", "compile_s", "sqnr_db",
+                  "peak_gpu_mem_gib", "error"]]
+
+
+# --- the runner -------------------------------------------------------------------------------
+
+
+def _peak_gib(device: str) -> float | None:
+    return measure.peak_gpu_memory_gib(device)
+
+
+def run_speed_recipe(name: str, model: str = "flux-dev-shaped", *, height: int = 1024, width: int = 1024,
+                     text_tokens: int = 512, warmup: int = 2, repeats: int = 10, reference: str | None = None,
+                     device: str | None = None, seed: int = 0) -> measure.Measurement:
+    """Time one speed recipe on `model`'s transformer alone: compile time, then the median forward pass.
+
+    The transformer gets the same seeded random weights as the embedded model's folder. With
+    `reference` (a .pt file), the output is compared with the one saved there (SQNR in dB); a
+    bf16 eager run saves its output there when the file does not exist yet.
+    """
+    from diffusers.models.attention_dispatch import attention_backend
+
+    device = device or env.default_device()
+    info = env.device_info(device)
+    recipe = check_speed_recipe(name, info)
+    # set_attention_backend() also sets the process-wide default, which reset_attention_backend() leaves;
+    # this restores it afterwards, so the next recipe in the process starts from PyTorch's own choice
+    with attention_backend("native"):
+        return _time_speed_recipe(recipe, model, info, height, width, text_tokens, warmup, repeats, reference,
+                                  device, seed)
+
+
+def _time_speed_recipe(recipe: SpeedRecipe, model: str, info: env.DeviceInfo, height: int, width: int,
+                       text_tokens: int, warmup: int, repeats: int, reference: str | None, device: str,
+                       seed: int) -> measure.Measurement:
+    from torch._dynamo.utils import counters
+
+    dtype = env.default_dtype(info)
+    transformer = models.build_component(model, "transformer", device=device, dtype=dtype, seed=seed)
+    inputs = measure.random_transformer_inputs(transformer.config, height, width, text_tokens, device=device,
+                                               dtype=dtype, seed=seed)
+    tflop = transformer_tflop_per_step(transformer, height, width, text_tokens)
+    measure.reset_peak_gpu_memory(device)
+    started = time.perf_counter()
+    apply_speed_recipe(transformer, recipe, info)
+    prepare_s = time.perf_counter() - started
+    weights = measure.weights_bytes(transformer)
+    with torch.no_grad():
+        output, first_call_s, timing = measure.time_first_call(lambda: transformer(**inputs)[0], warmup=warmup,
+                                                               repeats=repeats, device=device)
+    extra: dict[str, Any] = {
+        "graphs_compiled": counters["stats"]["unique_graphs"] if recipe.compile_mode else 0,
+        "first_call_s": first_call_s,
+        "prepare_s": prepare_s,
+        "compile_s": first_call_s - timing.median_s if recipe.compile_mode else None,
+        "compiled_region": (None if not recipe.compile_mode else
+                            "repeated blocks" if recipe.regional else "whole transformer"),
+        "text_tokens": text_tokens,
+        **tflop,
+        "achieved_tflops": tflop["total_tflop"] / timing.median_s,
+        "floor_bf16_ms": floor_ms_per_step(tflop, info.name),
+        "floor_fp8_linears_ms": floor_ms_per_step(tflop, info.name, fp8_linears=True),
+        "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+    }
+    if reference:
+        output = output.float().cpu()
+        if not Path(reference).exists() and recipe.name == "bf16":
+            torch.save(output, reference)
+        if Path(reference).exists():
+            extra["sqnr_db"] = measure.sqnr_db(output, torch.load(reference))
+    row = measure.new_row(
+        model, recipe.name, info, height=height, width=width, steps=1, weights_bytes=weights,
+        ms_per_step=timing.median_s * 1e3, ms_per_step_iqr=timing.iqr_s * 1e3, repeats=repeats,
+        peak_gpu_mem_gib=_peak_gib(device), notes=f"{model} transformer alone, {height}x{width}, "
+        f"{text_tokens} text tokens, random weights; one step = one forward pass", extra=extra,
+    )
+    del transformer
+    gc.collect()
+    return row
+
+
+def run_vae_decode(variant: str, model: str = "flux-dev-shaped", *, height: int = 1024, width: int = 1024,
+                   warmup: int = 2, repeats: int = 10, device: str | None = None,
+                   seed: int = 0) -> measure.Measurement:
+    """Time one VAE decode at `height`×`width`: `vae-decode`, `+channels-last`, `+compile`."""
+    parts = variant.split("+")
+    if parts[0] != "vae-decode" or not set(parts[1:]) <= {"channels-last", "compile"}:
+        raise ValueError(f"Unknown VAE variant {variant!r}: vae-decode[+channels-last][+compile].")
+    device = device or env.default_device()
+    info = env.device_info(device)
+    dtype = env.default_dtype(info)
+    vae = models.build_component(model, "vae", device=device, dtype=dtype, seed=seed)
+    latents = torch.randn(1, vae.config.latent_channels, height // 8, width // 8,
+                          generator=torch.Generator("cpu").manual_seed(seed)).to(device, dtype)
+    if "channels-last" in parts:
+        vae.to(memory_format=torch.channels_last)
+        latents = latents.to(memory_format=torch.channels_last)
+    if "compile" in parts:
+        vae.decode = torch.compile(vae.decode)
+    measure.reset_peak_gpu_memory(device)
+    with torch.no_grad():
+        _, first_call_s, timing = measure.time_first_call(lambda: vae.decode(latents), warmup=warmup, repeats=repeats,
+                                                          device=device)
+    return measure.new_row(
+        model, variant, info, height=height, width=width, s_per_image=timing.median_s,
+        s_per_image_iqr=timing.iqr_s, repeats=repeats, peak_gpu_mem_gib=_peak_gib(device),
+        notes=f"{model} VAE decode alone, {height}x{width}",
+        extra={"first_call_s": first_call_s,
+               "compile_s": first_call_s - timing.median_s if "compile" in parts else None},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m quantlab.speed --recipes R [R ...] --out FILE`: one row per recipe, saved as each ends."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="flux-dev-shaped")
+    parser.add_argument("--recipes", nargs="+", required=True)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--reference", help="a .pt file: the bf16 eager output, saved by the first bf16 run")
+    parser.add_argument("--out", required=True, help="a .json file; rows already in it are kept")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    rows = [asdict(r) for r in measure.load_rows(out)] if out.exists() else []
+    for name in args.recipes:
+        print(f"{name}: starting", flush=True)
+        try:
+            if name.startswith("vae-decode"):
+                row = run_vae_decode(name, args.model, height=args.height, width=args.width, warmup=args.warmup,
+                                     repeats=args.repeats)
+            else:
+                row = run_speed_recipe(name, args.model, height=args.height, width=args.width, warmup=args.warmup,
+                                       repeats=args.repeats, reference=args.reference)
+        except Exception as error:  # keep the rows already measured, and say why this one failed
+            print(f"{name}: failed: {type(error).__name__}: {str(error).strip()[:400]}", flush=True)
+            continue
+        finally:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        rows = [r for r in rows if r["recipe"] != name] + [asdict(row)]
+        measure.save_rows(rows, out)
+        extra = row.extra
+        print(f"{name}: {row.ms_per_step or 0:.1f} ms/step, s/image {row.s_per_image}, first call "
+              f"{extra['first_call_s']:.1f} s, compile {extra.get('compile_s')}, peak {row.peak_gpu_mem_gib}, "
+              f"sqnr {extra.get('sqnr_db')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Speed recipes: names, hardware checks, the FLOP floor, amortization, and applying them to the tiny model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import quantlab as ql
+from quantlab import speed
+from quantlab.env import DeviceInfo
+
+H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), bf16=True, fp8=True)
+T4 = DeviceInfo("cuda", "Tesla T4", (7, 5), bf16=False, fp8=False)
+CPU = DeviceInfo("cpu", "CPU (x86_64, 2 cores)")
+FASTEST_ON_H100 = "float8dq-tensor+fused-qkv+attn-cudnn+compile-regional"
+
+
+@pytest.fixture(autouse=True)
+def keep_the_default_attention_backend():
+    """`set_attention_backend` also sets diffusers' process-wide default: put it back after each test."""
+    from diffusers.models.attention_dispatch import attention_backend
+
+    with attention_backend("native"):
+        yield
+
+
+def test_a_name_reads_as_its_steps():
+    recipe = speed.parse_speed_recipe("float8dq-tensor+fused-qkv+attn-cudnn+compile-regional-max-autotune")
+    assert (recipe.quantization, recipe.fuse_qkv, recipe.attention) == ("float8dq-tensor", True, "cudnn")
+    assert (recipe.compile_mode, recipe.regional, recipe.fp8) == ("max-autotune", True, True)
+    whole = speed.parse_speed_recipe("int8dq+compile+vae-channels-last")
+    assert (whole.compile_mode, whole.regional, whole.fp8, whole.vae_channels_last) == ("default", False, False, True)
+    assert speed.parse_speed_recipe("bf16") == speed.SpeedRecipe("bf16")
+
+
+@pytest.mark.parametrize("name, words", [
+    ("fp16", "must start with the weights"),
+    ("bf16+compile-fast", "Unknown compile mode 'fast'"),
+    ("bf16+attn-sage", "Unknown step 'attn-sage'"),
+])
+def test_a_bad_name_says_what_is_valid(name, words):
+    with pytest.raises(ValueError, match=words):
+        speed.parse_speed_recipe(name)
+
+
+def test_hardware_checks_come_first():
+    speed.check_speed_recipe(FASTEST_ON_H100, H100)
+    with pytest.raises(ql.UnsupportedHardwareError, match="compute capability 8.9"):
+        speed.check_speed_recipe("float8dq-row+compile", T4)
+    with pytest.raises(ql.UnsupportedHardwareError, match="attn-native"):
+        speed.check_speed_recipe("bf16+attn-cudnn", CPU)
+    speed.check_speed_recipe("int8dq+fused-qkv+attn-math+compile-regional", CPU)
+
+
+def test_the_floor_of_flux_dev_is_74_tflop_per_step():
+    tflop = speed.transformer_tflop_per_step(ql.models.meta_component("flux-dev-shaped", "transformer"))
+    assert tflop["total_tflop"] == pytest.approx(74.38, abs=0.01)
+    # attention by hand: 57 blocks × 2 matmuls × 2 FLOP × 4608² tokens × 3072 channels
+    assert tflop["attention_tflop"] == pytest.approx(57 * 4 * 4608**2 * 3072 / 1e12)
+    assert speed.floor_ms_per_step(tflop, "NVIDIA H100 80GB HBM3") == pytest.approx(75.2, abs=0.1)
+    assert speed.floor_ms_per_step(tflop, "NVIDIA H200", fp8_linears=True) == pytest.approx(45.1, abs=0.1)
+    assert speed.floor_ms_per_step(tflop, "NVIDIA H100 PCIe") == pytest.approx(98.4, abs=0.1)
+    assert speed.floor_ms_per_step(tflop, "Tesla T4") is None  # no bf16 there
+    assert speed.floor_ms_per_step(tflop, "a GPU we do not know") is None
+
+
+def test_fused_projections_do_the_same_flops():
+    transformer = ql.models.meta_component("tiny", "transformer")
+    before = speed.transformer_tflop_per_step(transformer, 128, 128, 32)
+    transformer.fuse_qkv_projections()
+    assert speed.transformer_tflop_per_step(transformer, 128, 128, 32) == pytest.approx(before)
+
+
+def test_compile_time_is_paid_back_after_the_break_even_image():
+    assert speed.amortized_s_per_image(compile_s=100.0, s_per_image=5.0, images=20) == pytest.approx(10.0)
+    assert speed.break_even_images(compile_s=100.0, eager_s_per_image=9.0, compiled_s_per_image=7.0) == 50.0
+    assert speed.break_even_images(compile_s=100.0, eager_s_per_image=7.0, compiled_s_per_image=9.0) is None
+
+
+def test_the_fastest_measured_recipe_depends_on_the_device():
+    assert speed.fastest_recipe(H100) == FASTEST_ON_H100
+    frame = ql.measure.load_results("06_speed_flux-dev-shaped")
+    on_cpu = speed.fastest_recipe(CPU)
+    assert not speed.parse_speed_recipe(on_cpu).fp8
+    runnable = frame[frame["ms_per_step"].notna() & ~frame["recipe"].str.contains("float8|attn-cudnn|vae-")]
+    assert on_cpu == runnable.sort_values("ms_per_step")["recipe"].iloc[0]
+
+
+def test_a_recipe_this_device_cannot_run_changes_nothing(tiny_pipe):
+    pipe = copy.deepcopy(tiny_pipe)
+    with pytest.raises(ql.UnsupportedHardwareError, match="float8"):
+        speed.make_fast(pipe, "float8dq-tensor+fused-qkv+compile-regional", device=CPU)
+    attention = pipe.transformer.transformer_blocks[0].attn
+    assert not attention.fused_projections and hasattr(attention, "to_q")
+    assert type(attention.to_q.weight) is torch.nn.Parameter
+
+
+def test_make_fast_fuses_quantizes_and_compiles_the_transformer(tiny_pipe, tiny_path):
+    pipe = copy.deepcopy(tiny_pipe)
+    inputs = ql.measure.random_transformer_inputs(pipe.transformer.config, 128, 128, 32)
+    with torch.no_grad():
+        reference = pipe.transformer(**inputs)[0]
+    speed.make_fast(pipe, "int8dq+fused-qkv+attn-math+compile-regional", device=CPU)
+    block = pipe.transformer.transformer_blocks[0]
+    assert block.attn.fused_projections and block.attn.to_qkv.out_features == 3 * block.attn.to_q.out_features
+    assert type(block.attn.to_qkv.weight).__name__ != "Parameter"  # torchao's int8 tensor
+    assert block._compiled_call_impl is not None and pipe.transformer._compiled_call_impl is None
+    # the int8 matmuls are checked eagerly here (compiling costs a minute on a CPU; the chapter does it)
+    pipe.transformer.transformer_blocks.apply(lambda m: setattr(m, "_compiled_call_impl", None))
+    pipe.transformer.single_transformer_blocks.apply(lambda m: setattr(m, "_compiled_call_impl", None))
+    with torch.no_grad():
+        output = pipe.transformer(**inputs)[0]
+    assert 20 < ql.measure.sqnr_db(output, reference) < 60
+
+
+def test_fused_qkv_alone_leaves_the_output_unchanged(tiny_pipe):
+    pipe = copy.deepcopy(tiny_pipe)
+    inputs = ql.measure.random_transformer_inputs(pipe.transformer.config, 128, 128, 32)
+    with torch.no_grad():
+        reference = pipe.transformer(**inputs)[0]
+        speed.apply_speed_recipe(pipe, "bf16+fused-qkv", CPU)
+        output = pipe.transformer(**inputs)[0]
+    assert ql.measure.sqnr_db(output, reference) > 40
+
+
+def test_the_runner_times_a_recipe_and_compares_it_with_bf16(tmp_path):
+    reference = tmp_path / "bf16.pt"
+    bf16 = speed.run_speed_recipe("bf16", "tiny", height=128, width=128, text_tokens=32, warmup=1, repeats=2,
+                                  reference=str(reference))
+    assert reference.exists() and bf16.extra["sqnr_db"] == float("inf")
+    row = speed.run_speed_recipe("bf16+attn-math", "tiny", height=128, width=128, text_tokens=32, warmup=1,
+                                 repeats=2, reference=str(reference))
+    assert row.ms_per_step > 0 and row.repeats == 2 and row.extra["compile_s"] is None
+    assert 30 < row.extra["sqnr_db"] < float("inf")  # another attention kernel: not identical, but close
+    assert row.extra["total_tflop"] == pytest.approx(bf16.extra["total_tflop"])
+    # set_attention_backend() changed the process-wide default; the runner put it back
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    assert _AttentionBackendRegistry.get_active_backend()[0] == "native"
+
+
+def test_vae_variants_are_named():
+    with pytest.raises(ValueError, match="vae-decode"):
+        speed.run_vae_decode("vae-decode+fp8", "tiny")
