@@ -51,6 +51,9 @@ def test_hardware_checks_come_first():
         speed.check_speed_recipe("float8dq-row+compile", T4)
     with pytest.raises(ql.UnsupportedHardwareError, match="attn-native"):
         speed.check_speed_recipe("bf16+attn-cudnn", CPU)
+    with pytest.raises(ql.UnsupportedHardwareError, match="8.0"):
+        speed.check_speed_recipe("bf16+attn-flash", T4)
+    speed.check_speed_recipe("bf16+attn-efficient", T4)
     speed.check_speed_recipe("int8dq+fused-qkv+attn-math+compile-regional", CPU)
 
 
@@ -81,11 +84,11 @@ def test_compile_time_is_paid_back_after_the_break_even_image():
 
 def test_the_fastest_measured_recipe_depends_on_the_device():
     assert speed.fastest_recipe(H100) == FASTEST_ON_H100
-    frame = ql.measure.load_results("06_speed_flux-dev-shaped")
-    on_cpu = speed.fastest_recipe(CPU)
-    assert not speed.parse_speed_recipe(on_cpu).fp8
-    runnable = frame[frame["ms_per_step"].notna() & ~frame["recipe"].str.contains("float8|attn-cudnn|vae-")]
-    assert on_cpu == runnable.sort_values("ms_per_step")["recipe"].iloc[0]
+    # without fp8, whole and regional bf16 compiles are within 1% (134 and 135 ms): the one that compiles
+    # 7x faster wins, unless the tolerance is set to zero
+    assert speed.fastest_recipe(CPU) == "bf16+compile-regional"
+    assert speed.fastest_recipe(CPU, tolerance=0.0) == "bf16+compile"
+    assert speed.fastest_recipe(T4) == "bf16+compile-regional"
 
 
 def test_a_recipe_this_device_cannot_run_changes_nothing(tiny_pipe):
