@@ -312,10 +312,7 @@ def speed_table(results: str = "06_speed_flux-dev-shaped", pipeline_results: tup
     for name in pipeline_results:
         for row in measure.load_rows(measure.results_dir() / f"{name}.json"):
             row = asdict(row)
-            gpu = row["device"]
-            fp8 = "float8dq" in row["recipe"]  # weight-only float8 still multiplies in bf16
-            row["extra"] = {**row["extra"], "floor_bf16_ms": floor_ms_per_step(floor, gpu),
-                            "floor_fp8_linears_ms": floor_ms_per_step(floor, gpu, fp8_linears=True) if fp8 else None}
+            row["extra"] = {**row["extra"], "floor_bf16_ms": floor_ms_per_step(floor, row["device"])}
             if not row["extra"].get("compile_error"):
                 rows.append({**row, "source": f"whole pipeline (chapter {name[:2]})"})
     frame = measure.to_frame(rows)
@@ -330,10 +327,6 @@ def speed_table(results: str = "06_speed_flux-dev-shaped", pipeline_results: tup
 
 
 # --- the runner -------------------------------------------------------------------------------
-
-
-def _peak_gib(device: str) -> float | None:
-    return measure.peak_gpu_memory_gib(device)
 
 
 def run_speed_recipe(name: str, model: str = "flux-dev-shaped", *, height: int = 1024, width: int = 1024,
@@ -400,7 +393,7 @@ def _time_speed_recipe(recipe: SpeedRecipe, model: str, info: env.DeviceInfo, he
     row = measure.new_row(
         model, recipe.name, info, height=height, width=width, steps=1, weights_bytes=weights,
         ms_per_step=timing.median_s * 1e3, ms_per_step_iqr=timing.iqr_s * 1e3, repeats=repeats,
-        peak_gpu_mem_gib=_peak_gib(device), notes=f"{model} transformer alone, {height}x{width}, "
+        peak_gpu_mem_gib=measure.peak_gpu_memory_gib(device), notes=f"{model} transformer alone, {height}x{width}, "
         f"{text_tokens} text tokens, random weights; one step = one forward pass", extra=extra,
     )
     del transformer
@@ -432,7 +425,7 @@ def run_vae_decode(variant: str, model: str = "flux-dev-shaped", *, height: int 
                                                           device=device)
     return measure.new_row(
         model, variant, info, height=height, width=width, s_per_image=timing.median_s,
-        s_per_image_iqr=timing.iqr_s, repeats=repeats, peak_gpu_mem_gib=_peak_gib(device),
+        s_per_image_iqr=timing.iqr_s, repeats=repeats, peak_gpu_mem_gib=measure.peak_gpu_memory_gib(device),
         notes=f"{model} VAE decode alone, {height}x{width}",
         extra={"first_call_s": first_call_s,
                "compile_s": first_call_s - timing.median_s if "compile" in parts else None},
@@ -465,9 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # keep the rows already measured, and say why this one failed
             print(f"{name}: failed: {type(error).__name__}: {str(error).strip()[:400]}", flush=True)
             continue
-        finally:
-            torch._dynamo.reset()
-            torch._dynamo.utils.counters.clear()
+        finally:  # run_speed_recipe resets dynamo itself, before it compiles
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -158,11 +158,8 @@ def _probe_one(config: LinearConfig, model_path: str, device: str, inputs: dict,
     if compile:
         model.compile()
     with torch.no_grad():
-        started = time.perf_counter()
-        output = model(**inputs)[0]
-        measure.synchronize(device)
-        row["first_call_s"] = time.perf_counter() - started
-        timing = measure.time_callable(lambda: model(**inputs), warmup=0, repeats=repeats, device=device)
+        output, row["first_call_s"], timing = measure.time_first_call(lambda: model(**inputs)[0], warmup=0,
+                                                                      repeats=repeats, device=device)
     row["forward_ms"] = timing.median_s * 1e3
     row["sqnr_db"] = measure.sqnr_db(output, reference)
     if compile:
