@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import env, measure, models, recipes
@@ -28,20 +29,28 @@ DEFAULT_PROMPT = "a photo of a cat sitting on a red chair in a sunny room"
 
 @dataclass
 class RecipeRun:
-    """What `run_recipe` returns: the measurement row, the image, and the pipeline if it was kept."""
+    """What `run_recipe` returns: the measurement row, the timed images, and the pipeline if it was kept."""
 
     row: measure.Measurement
-    image: Any
+    images: list
     pipe: Any = None
 
+    @property
+    def image(self):
+        """The last timed image."""
+        return self.images[-1]
 
-def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = DEFAULT_PROMPT,
+
+def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str | list[str] = DEFAULT_PROMPT,
                height: int | None = None, width: int | None = None, steps: int | None = None, seed: int = 0,
                warmup: int = 1, warmup_steps: int | None = None, repeats: int = 3, reference_image=None,
                device: str | None = None, keep_pipeline: bool = False, compile: bool = False,
                fullgraph: bool = False, regional: bool = False, eager_row_out: str | None = None,
                notes: str = "", **load_kwargs) -> RecipeRun:
     """Load `model` with `recipe`, then measure memory after loading, peak memory, time and image error.
+
+    With a list of prompts, timed image i uses prompt i (cycling), as `measure.time_generation` does,
+    and `reference_image` may be a list too: the row's PSNR and SSIM are then means over the pairs.
 
     The warm-up images use `warmup_steps` denoising steps (default: `steps`); the timed ones use `steps`.
     With `compile=True` the transformer is then compiled (`transformer.compile(fullgraph=...)`, or with
@@ -72,7 +81,7 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
         if warmup:
             warm_call = {**call, "num_inference_steps": warmup_steps or call["num_inference_steps"]}
             for _ in range(warmup):
-                pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **warm_call)
+                pipe(prompt if isinstance(prompt, str) else prompt[0], generator=torch.Generator("cpu").manual_seed(seed), **warm_call)
         _progress(f"{recipe}: warmed up")
         measure.reset_peak_gpu_memory(device)
         timing = measure.time_generation(pipe, prompt, call, seed=seed, warmup=0, repeats=repeats, device=device)
@@ -112,15 +121,19 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str = 
         _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regional, row,
                           eager_row_out=eager_row_out)
     if reference_image is not None:
-        row.psnr_db = measure.psnr_db(timing.image, reference_image)
-        row.ssim = measure.ssim(timing.image, reference_image)
+        references = reference_image if isinstance(reference_image, list) else [reference_image] * len(timing.images)
+        pairs = list(zip(timing.images, references))
+        # PSNR of the pooled squared error (images side by side), so one identical pair cannot make it inf
+        row.psnr_db = measure.psnr_db(np.concatenate([np.asarray(i) for i, _ in pairs], axis=1),
+                                      np.concatenate([np.asarray(r) for _, r in pairs], axis=1))
+        row.ssim = float(np.mean([measure.ssim(image, ref) for image, ref in pairs]))
     if not keep_pipeline:
         del pipe
         pipe = None
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    return RecipeRun(row, timing.image, pipe)
+    return RecipeRun(row, timing.images, pipe)
 
 
 def _timing_fields(timing: measure.GenerationTiming) -> dict[str, float]:
@@ -153,7 +166,8 @@ def _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regi
             pipe.transformer.compile(fullgraph=fullgraph)
         measure.synchronize(device)
         start = time.perf_counter()
-        pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **call)
+        pipe(prompt if isinstance(prompt, str) else prompt[0], generator=torch.Generator("cpu").manual_seed(seed),
+             **call)
         measure.synchronize(device)
         first_image_s = time.perf_counter() - start
         _progress(f"{row.recipe}: compiled and ran the first image in {first_image_s:.0f} s")
@@ -178,7 +192,7 @@ def run_recipes(model: str | None, recipe_names: list[str], gguf_files: dict | N
     """
     runs: list[RecipeRun] = []
     for name in recipe_names:
-        reference = runs[0].image if runs else None
+        reference = runs[0].images if runs else None
         gguf_file, write_report = (gguf_files or {}).get(name, (None, None))
         extra_load = {"gguf_file": gguf_file} if gguf_file else {}
         run = run_recipe(model, name, reference_image=reference, **extra_load, **kwargs)

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -336,22 +336,31 @@ def time_first_call(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3,
 
 @dataclass
 class GenerationTiming:
-    """Time per image and per denoising step, with the last image generated."""
+    """Time per image and per denoising step, with the images generated (one per timed repeat)."""
 
     per_image: TimingStats
     per_step: TimingStats
-    image: Any
+    images: list
+
+    @property
+    def image(self):
+        """The last image generated."""
+        return self.images[-1]
 
 
-def time_generation(pipe, prompt: str, call_kwargs: dict[str, Any], seed: int = 0, warmup: int = 1,
+def time_generation(pipe, prompt: str | Sequence[str], call_kwargs: dict[str, Any], seed: int = 0, warmup: int = 1,
                     repeats: int = 3, device: str | None = None) -> GenerationTiming:
     """Generate `warmup + repeats` images from the same seed and time them.
 
-    Per-step times come from a `callback_on_step_end` that synchronizes and reads the clock after
-    every denoising step; the first step of each image is left out, since it includes the
-    prompt encoding that precedes it.
+    `prompt` may be a list: timed image i then uses `prompt[i % len(prompt)]`, so `repeats=len(prompt)`
+    generates one image per prompt (the warm-up images use the first). Per-step times come from a
+    `callback_on_step_end` that synchronizes and reads the clock after every denoising step; the first
+    step of each image is left out, since it includes the prompt encoding that precedes it.
     """
     device = device or str(getattr(pipe, "_execution_device", None) or env.default_device())
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("time_generation needs a prompt, or a list of at least one.")
     step_ends: list[float] = []
 
     def on_step_end(_pipe, _step, _timestep, callback_kwargs):
@@ -359,24 +368,24 @@ def time_generation(pipe, prompt: str, call_kwargs: dict[str, Any], seed: int = 
         step_ends.append(time.perf_counter())
         return callback_kwargs
 
-    def generate():
+    def generate(text: str):
         step_ends.clear()
         generator = torch.Generator("cpu").manual_seed(seed)
-        return pipe(prompt, generator=generator, callback_on_step_end=on_step_end, **call_kwargs).images[0]
+        return pipe(text, generator=generator, callback_on_step_end=on_step_end, **call_kwargs).images[0]
 
     for _ in range(warmup):
-        generate()
-    per_image, per_step, image = [], [], None
-    for _ in range(repeats):
+        generate(prompts[0])
+    per_image, per_step, images = [], [], []
+    for index in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        image = generate()
+        images.append(generate(prompts[index % len(prompts)]))
         synchronize(device)
         per_image.append(time.perf_counter() - start)
         per_step += list(np.diff(step_ends))
     if not per_step:  # a single step per image: fall back to whole-image time
         per_step = per_image
-    return GenerationTiming(TimingStats.of(per_image), TimingStats.of(per_step), image)
+    return GenerationTiming(TimingStats.of(per_image), TimingStats.of(per_step), images)
 
 
 # --- image error ------------------------------------------------------------------------------
