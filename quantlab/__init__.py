@@ -2,12 +2,13 @@
 
 Notebooks import it as ``import quantlab as ql`` and call ``ql.models``, ``ql.recipes``,
 ``ql.measure``, ``ql.viz`` and ``ql.env``, and a module per topic (``ql.bnb``, ``ql.gguf``,
-``ql.torchao``, ``ql.quanto``, ``ql.memory``, ``ql.speed``); the most used functions are also here at the top.
+``ql.torchao``, ``ql.quanto``, ``ql.memory``, ``ql.speed``, ``ql.compare``, ``ql.plan``); the most
+used functions are also here at the top.
 """
 
 import importlib
 
-from . import bnb, env, gguf, gguf_quants, measure, memory, models, quanto, recipes, speed, torchao, viz
+from . import bnb, compare, env, gguf, gguf_quants, measure, memory, models, plan, quanto, recipes, speed, torchao, viz
 from .env import report
 from .models import ModelUnavailableError, get_model, list_models, model_path
 from .recipes import UnsupportedHardwareError, check_runs_here, get_recipe, list_recipes, load_pipeline
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "bench",
     "bnb",
+    "compare",
     "course",
     "env",
     "gguf",
@@ -24,6 +26,7 @@ __all__ = [
     "measure",
     "memory",
     "models",
+    "plan",
     "quanto",
     "recipes",
     "speed",

@@ -115,8 +115,11 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str | 
         row.mem_after_load_gib = sum(mem_after_load_per_gpu)
         row.extra.update(peak_gpu_mem_per_device_gib=per_gpu, mem_after_load_per_device_gib=mem_after_load_per_gpu,
                          device_count=len(per_gpu))
-    if getattr(pipe, "hf_device_map", None):  # where device_map= put each component
-        row.extra["hf_device_map"] = {name: str(where) for name, where in pipe.hf_device_map.items()}
+    device_map = getattr(pipe, "hf_device_map", None)  # where device_map= put each component
+    if isinstance(device_map, dict):  # "balanced" gives a dict; a plain device_map="cuda" stays a string
+        row.extra["hf_device_map"] = {name: str(where) for name, where in device_map.items()}
+    elif device_map:
+        row.extra["hf_device_map"] = str(device_map)
     if compile:
         _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regional, row,
                           eager_row_out=eager_row_out)

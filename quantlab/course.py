@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import measure, models
 
-__all__ = ["notebook_paths", "run_notebook", "write_summary", "markdown_table", "main"]
+__all__ = ["notebook_paths", "run_notebook", "write_summary", "markdown_table", "comparison_summary", "main"]
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_COLUMNS = [
@@ -88,6 +88,26 @@ def write_summary(run_dir: Path):
     return summary
 
 
+COMPARISON_CHAPTER = "07_compare"
+COMPARISON_COLUMNS = ["recipe", "mem_after_load_gib", "peak_mem_gib", "peak_mem_kind", "s_per_image", "weights_gib",
+                      "psnr_db", "ssim", "sqnr_db"]
+
+
+def comparison_summary(run_dir: Path) -> str:
+    """Chapter 07's comparison table from this run, as Markdown, or a line saying it did not run."""
+    from . import compare
+
+    path = run_dir / "measurements" / f"{COMPARISON_CHAPTER}.json"
+    if not path.exists():
+        return f"No comparison table: chapter {COMPARISON_CHAPTER} did not run (run it with make course)."
+    rows = [r for r in measure.load_rows(path) if "backend" in r.extra]  # the comparison's rows, one per recipe
+    if not rows:
+        return f"No comparison table: {path.name} holds no comparison rows."
+    table = compare.comparison_table(rows)[COMPARISON_COLUMNS]
+    return (f"Every recipe side by side ({rows[0].model}, {rows[0].device}, the blog's three prompts; error against "
+            f"bf16):\n\n" + markdown_table(table))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: run every notebook, summarize, and print where everything is."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = run_notebook(path, out / "notebooks", {"MODEL": args.model}, run_dir=out)
         print(f"  done in {seconds:.1f} s", flush=True)
     summary = write_summary(out)
+    print("\n" + comparison_summary(out))
     print(f"\nThe course ran in {time.perf_counter() - total:.0f} s on model {args.model!r}.")
     print(f"  executed notebooks:  {out / 'notebooks'}")
     print(f"  measurements:        {out / 'summary.md'} and {out / 'summary.csv'} ({len(summary)} rows)")

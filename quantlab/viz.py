@@ -8,8 +8,8 @@ import numpy as np
 
 from .measure import require_columns
 
-__all__ = ["image_grid", "side_by_side", "bar_chart", "memory_time_bars", "memory_time_scatter", "histogram",
-           "byte_layout", "ImageFlipper", "image_flipper"]
+__all__ = ["image_grid", "side_by_side", "bar_chart", "memory_time_bars", "memory_time_scatter", "tradeoff_scatter",
+           "histogram", "byte_layout", "ImageFlipper", "image_flipper", "SortableTable"]
 
 
 def _figure(nrows: int, ncols: int, cell_inches: float = 3.0):
@@ -133,15 +133,55 @@ def memory_time_scatter(frame, memory: str = "peak_gpu_mem_gib", time: str = "s_
         for _, group in drawn.groupby(label):
             if len(group) > 1:
                 ax.plot(group[time], group[memory], color="grey", linewidth=0.6, alpha=0.6, zorder=0)
-    if limit_gib is not None:
-        ax.axhline(limit_gib, color="black", linestyle="--", linewidth=1)
-        ax.text(ax.get_xlim()[0], limit_gib, f" {limit_label}", fontsize=8, va="bottom")
     if log_time:
         ax.set_xscale("log")
+    if limit_gib is not None:  # after the scale is set, so that the label sits at the left edge
+        ax.axhline(limit_gib, color="black", linestyle="--", linewidth=1)
+        ax.text(ax.get_xlim()[0], limit_gib, f" {limit_label}", fontsize=8, va="bottom")
     ax.set_xlabel(time)
     ax.set_ylabel(memory)
     if sources != [None]:
         ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff_scatter(frame, memory: str, time: str, error: str, front, label: str = "recipe",
+                     log_time: bool = True, title: str | None = None):
+    """Memory (y) against time (x), each point coloured by `error`, the rows of `front` joined and ringed.
+
+    `front` is a boolean Series over `frame` (for example `compare.pareto_front(frame)`): the rows no
+    other row beats on both axes. An infinite `error` (identical to the reference) is drawn in the
+    colour of the best finite value, and its label says so.
+    """
+    import matplotlib.pyplot as plt
+
+    require_columns(frame, memory, time, error, label)
+    drawn = frame[frame[memory].notna() & frame[time].notna()]
+    if drawn.empty:
+        raise ValueError(f"Nothing to draw: no row has both {memory} and {time}.")
+    front = front.reindex(drawn.index).fillna(False).astype(bool)
+    colour = drawn[error].astype(float)
+    finite = colour[np.isfinite(colour)]
+    colour = colour.where(np.isfinite(colour), finite.max() if len(finite) else 0.0)
+    fig, ax = plt.subplots(figsize=(9, 6))
+    points = ax.scatter(drawn[time], drawn[memory], c=colour, cmap="viridis", s=60, zorder=3)
+    fig.colorbar(points, ax=ax, label=f"{error} (higher is closer to the reference)")
+    ringed = drawn[front].sort_values(time)
+    ax.plot(ringed[time], ringed[memory], color="crimson", linewidth=1.2, zorder=2, label="Pareto front")
+    ax.scatter(ringed[time], ringed[memory], s=160, facecolors="none", edgecolors="crimson", linewidths=1.5, zorder=4)
+    for row in drawn.itertuples():
+        value = getattr(row, error)
+        text = str(getattr(row, label)) + (" (identical)" if value is not None and np.isinf(value) else "")
+        ax.annotate(text, (getattr(row, time), getattr(row, memory)), fontsize=7, xytext=(5, 3),
+                    textcoords="offset points")
+    if log_time:
+        ax.set_xscale("log")
+    ax.set_xlabel(time)
+    ax.set_ylabel(memory)
+    ax.legend(fontsize=8, loc="upper right")
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -243,3 +283,39 @@ def byte_layout(fields: Sequence[tuple[str, int, str]], title: str | None = None
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+class SortableTable:
+    """A table widget: pick a column and a direction, and the rows re-sort (missing values last)."""
+
+    def __init__(self, frame, sort_by: str | None = None, ascending: bool = True, float_format: str = "{:.4g}"):
+        import ipywidgets as widgets
+
+        if frame.empty:
+            raise ValueError("SortableTable needs at least one row.")
+        self.frame = frame.reset_index(drop=True)
+        self.float_format = float_format
+        columns = list(self.frame.columns)
+        self.sort_by = widgets.Dropdown(options=columns, value=sort_by or columns[0], description="sort by")
+        self.direction = widgets.ToggleButtons(options=["ascending", "descending"],
+                                               value="ascending" if ascending else "descending")
+        self.html = widgets.HTML()
+        self.sort_by.observe(lambda _change: self.refresh(), names="value")
+        self.direction.observe(lambda _change: self.refresh(), names="value")
+        self.widget = widgets.VBox([widgets.HBox([self.sort_by, self.direction]), self.html])
+        self.refresh()
+
+    @property
+    def sorted(self):
+        """The rows in the order the table shows them."""
+        return self.frame.sort_values(self.sort_by.value, ascending=self.direction.value == "ascending",
+                                      na_position="last", kind="stable")
+
+    def refresh(self) -> None:
+        """Re-draw the table from the chosen column and direction."""
+        self.html.value = self.sorted.to_html(index=False, float_format=self.float_format.format, na_rep="")
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)

@@ -125,3 +125,20 @@ def test_gguf_recipes_write_their_file_once_and_record_its_size(tmp_path):
 def test_gguf_recipes_without_a_folder_are_refused_before_loading(tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--model", "tiny", "--recipes", "gguf-q8_0", "--out", str(tmp_path / "x.json")])
+
+
+def test_a_pipeline_placed_by_a_plain_device_map_records_it(tiny_path, monkeypatch):
+    # torchao recipes load with device_map="cuda", which leaves pipe.hf_device_map a string, not a dict
+    from quantlab import bench, recipes
+
+    real_load = recipes.load_pipeline
+
+    def load_with_string_map(*args, **kwargs):
+        pipe = real_load(*args, **kwargs)
+        pipe.hf_device_map = "cpu"
+        return pipe
+
+    monkeypatch.setattr(recipes, "load_pipeline", load_with_string_map)
+    run = bench.run_recipe("tiny", "bf16", device="cpu", warmup=0, repeats=1, steps=2)
+    assert run.row.extra["hf_device_map"] == "cpu"
+    assert run.row.s_per_image > 0

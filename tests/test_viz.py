@@ -273,3 +273,51 @@ def test_memory_time_scatter_needs_its_columns_and_a_point():
         viz.memory_time_scatter(pd.DataFrame({"recipe": ["a"], "s_per_image": [1.0]}))
     with pytest.raises(ValueError, match="Nothing to draw"):
         viz.memory_time_scatter(pd.DataFrame({"recipe": ["a"], "s_per_image": [1.0], "peak_gpu_mem_gib": [None]}))
+
+
+# --- tradeoff_scatter and SortableTable ------------------------------------------------------------
+
+
+def _tradeoff_frame():
+    return pd.DataFrame({"recipe": ["bf16", "int8", "int4", "slow"], "peak_mem_gib": [30.0, 17.0, 10.0, 20.0],
+                         "s_per_image": [9.0, 12.0, 20.0, 40.0], "sqnr_db": [np.inf, 30.0, 14.0, 25.0]})
+
+
+def test_tradeoff_scatter_colours_by_error_and_rings_the_front():
+    frame = _tradeoff_frame()
+    front = pd.Series([True, True, True, False])
+    fig = viz.tradeoff_scatter(frame, "peak_mem_gib", "s_per_image", "sqnr_db", front)
+    ax = fig.axes[0]
+    points, rings = ax.collections[0], ax.collections[1]
+    assert points.get_offsets().tolist() == [[9.0, 30.0], [12.0, 17.0], [20.0, 10.0], [40.0, 20.0]]
+    # the identical bf16 row takes the colour of the best finite error (30 dB)
+    assert points.get_array().tolist() == [30.0, 30.0, 14.0, 25.0]
+    assert rings.get_offsets().tolist() == [[9.0, 30.0], [12.0, 17.0], [20.0, 10.0]]
+    line = ax.lines[0]
+    assert line.get_label() == "Pareto front" and list(line.get_xdata()) == [9.0, 12.0, 20.0]
+    labels = [t.get_text() for t in ax.texts]
+    assert "bf16 (identical)" in labels and "slow" in labels
+    assert ax.get_xscale() == "log" and fig.axes[1].get_ylabel().startswith("sqnr_db")
+    with pytest.raises(ValueError, match="No column 'ssim'"):
+        viz.tradeoff_scatter(frame, "peak_mem_gib", "s_per_image", "ssim", front)
+
+
+def test_sortable_table_resorts_when_its_widgets_change():
+    frame = _tradeoff_frame().assign(psnr_db=[np.inf, 35.0, np.nan, 28.0])
+    table = viz.SortableTable(frame, sort_by="peak_mem_gib")
+
+    def order():
+        html = table.html.value
+        return sorted(frame.recipe, key=lambda name: html.index(f"<td>{name}</td>"))
+
+    assert order() == ["int4", "int8", "slow", "bf16"]
+    table.direction.value = "descending"
+    assert order() == ["bf16", "slow", "int8", "int4"]
+    table.sort_by.value = "psnr_db"  # missing values go last, whichever the direction
+    assert order() == ["bf16", "int8", "slow", "int4"]
+    table.direction.value = "ascending"
+    assert order() == ["slow", "int8", "bf16", "int4"]
+    assert table.sorted.recipe.tolist() == order()
+    assert list(table.sort_by.options) == list(frame.columns)
+    with pytest.raises(ValueError, match="at least one row"):
+        viz.SortableTable(frame.iloc[:0])
