@@ -8,7 +8,8 @@ used functions are also here at the top.
 
 import importlib
 
-from . import bnb, compare, env, gguf, gguf_quants, measure, memory, models, plan, quanto, recipes, speed, torchao, viz
+from . import (bnb, compare, env, gguf, gguf_quants, measure, memory, models, plan, quanto, recipes, shapes, speed,
+               torchao, viz)
 from .env import report
 from .models import ModelUnavailableError, get_model, list_models, model_path
 from .recipes import UnsupportedHardwareError, check_runs_here, get_recipe, list_recipes, load_pipeline
@@ -29,8 +30,10 @@ __all__ = [
     "plan",
     "quanto",
     "recipes",
+    "shapes",
     "speed",
     "torchao",
+    "train_mini",
     "viz",
     "report",
     "ModelUnavailableError",
@@ -46,8 +49,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # `ql.bench` and `ql.course` are command-line modules too (`python -m quantlab.bench`), so they
-    # are imported on first use rather than with the package.
-    if name in ("bench", "course"):
+    # `ql.bench`, `ql.course` and `ql.train_mini` are command-line modules too (`python -m quantlab.bench`),
+    # so they are imported on first use rather than with the package.
+    if name in ("bench", "course", "train_mini"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'quantlab' has no attribute {name!r}")
