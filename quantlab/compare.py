@@ -214,7 +214,7 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
         run = bench.run_recipe(
             spec.name, name, prompt=list(prompts.values()), steps=steps, seed=seed, warmup=1,
             warmup_steps=warmup_steps, repeats=len(prompts), device=device, keep_pipeline=True,
-            reference_image=None if ref is None else [image for image in ref.images],
+            reference_image=None if ref is None else list(ref.images),
             notes=f"the {len(prompts)} prompts {', '.join(prompts)}, seed {seed}",
             **({"gguf_file": gguf_file} if gguf_file else {}),
         )

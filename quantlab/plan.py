@@ -10,6 +10,7 @@ measured once on a bf16 run at 1024×1024 (`ACTIVATIONS_1024_GIB`) and scale wit
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -123,14 +124,19 @@ def _gguf_transformer_bytes(transformer: torch.nn.Module, gguf_type: str) -> flo
     return total
 
 
+@functools.lru_cache(maxsize=4)
+def _meta_components(model: str) -> dict[str, torch.nn.Module]:
+    """The model's four components on the meta device (shapes, no weights), built once per model."""
+    return {name: models.meta_component(model, name) for name in ("transformer", "text_encoder_2", "text_encoder", "vae")}
+
+
 def weights_bytes(model: str | None, recipe: str | recipes.Recipe) -> dict[str, int]:
     """Bytes of each component's weights as `recipe` stores them, predicted from `model`'s config alone."""
     from . import memory
 
     recipe = recipes.get_recipe(recipe)
     base = recipe.name.split("+")[0]
-    components = ("transformer", "text_encoder_2", "text_encoder", "vae")
-    metas = {name: models.meta_component(model, name) for name in components}
+    metas = _meta_components(models.get_model(model).name)
     result = {name: sum(2 * p.numel() for p in meta.parameters()) for name, meta in metas.items()}
     if recipe.gguf_type:
         result["transformer"] = _gguf_transformer_bytes(metas["transformer"], recipe.gguf_type)
