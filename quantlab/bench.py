@@ -81,7 +81,8 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str | 
         if warmup:
             warm_call = {**call, "num_inference_steps": warmup_steps or call["num_inference_steps"]}
             for _ in range(warmup):
-                pipe(prompt if isinstance(prompt, str) else prompt[0], generator=torch.Generator("cpu").manual_seed(seed), **warm_call)
+                first_prompt = prompt if isinstance(prompt, str) else prompt[0]
+                pipe(first_prompt, generator=torch.Generator("cpu").manual_seed(seed), **warm_call)
         _progress(f"{recipe}: warmed up")
         measure.reset_peak_gpu_memory(device)
         timing = measure.time_generation(pipe, prompt, call, seed=seed, warmup=0, repeats=repeats, device=device)

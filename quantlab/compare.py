@@ -646,7 +646,8 @@ def quiz_rounds(comparison: Comparison, recipe_names: Sequence[str] | None = Non
 
 
 def _failure_row(model: str, recipe: str, device: str, error: BaseException, steps: int | None):
-    return measure.new_row(model, recipe, device, steps=steps, extra={"error": f"{type(error).__name__}: {error}"[:1000]})
+    return measure.new_row(model, recipe, device, steps=steps,
+                           extra={"error": f"{type(error).__name__}: {error}"[:1000]})
 
 
 def main(argv: list[str] | None = None) -> int:

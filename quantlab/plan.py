@@ -58,9 +58,7 @@ def _linear_bytes(out_features: int, in_features: int, scheme: str) -> float:
     n = out_features * in_features
     if scheme == "16bit":
         return 2 * n
-    if scheme == "int8-bnb":  # int8 weights, one fp32 scale per output row (SCB)
-        return n + 4 * out_features
-    if scheme == "int8-row":  # int8 or float8 weights, one 16-bit (torchao) or fp32 scale per row
+    if scheme == "int8-row":  # int8 or float8 weights and a scale per output row (4 bytes: within 0.1% either way)
         return n + 4 * out_features
     if scheme == "nf4":  # two 4-bit values per byte, an fp32 absmax per 64 values
         return n / 2 + 4 * n / 64
@@ -77,7 +75,7 @@ def _linear_bytes(out_features: int, in_features: int, scheme: str) -> float:
 
 _SCHEMES = {  # recipe name (before any +offload) -> (transformer scheme, T5 scheme)
     "bf16": ("16bit", "16bit"),
-    "bnb-8bit": ("int8-bnb", "int8-bnb"),
+    "bnb-8bit": ("int8-row", "int8-row"),
     "bnb-4bit-fp4": ("nf4", "nf4"),
     "bnb-4bit-nf4": ("nf4", "nf4"),
     "bnb-4bit-nf4-fp32-compute": ("nf4", "nf4"),
@@ -127,7 +125,7 @@ def _gguf_transformer_bytes(transformer: torch.nn.Module, gguf_type: str) -> flo
 @functools.lru_cache(maxsize=4)
 def _meta_components(model: str) -> dict[str, torch.nn.Module]:
     """The model's four components on the meta device (shapes, no weights), built once per model."""
-    return {name: models.meta_component(model, name) for name in ("transformer", "text_encoder_2", "text_encoder", "vae")}
+    return {name: models.meta_component(model, name) for name in models.MODEL_COMPONENTS}
 
 
 def weights_bytes(model: str | None, recipe: str | recipes.Recipe) -> dict[str, int]:
@@ -214,8 +212,9 @@ def plan(model: str | None, recipe: str, gpu: str | float = "T4", height: int = 
          margin_gib: float = 0.5, count: int = 3) -> FitPlan:
     """Predict `recipe`'s peak GPU memory on `gpu` (a name from `GPUS`, or GiB) and say whether it fits.
 
-    A recipe fits when its predicted peak plus `margin_gib` is within the GPU's memory and the GPU
-    has the kernels it needs. When it does not, `instead` lists up to `count` recipes that would.
+    A recipe fits when its predicted peak plus `margin_gib` is within the GPU's memory and the GPU has
+    the kernels it needs; when it does not, `instead` lists up to `count` recipes that would. A GPU
+    given only by its memory is taken to compute what an H100 does (compute capability 9.0).
     """
     spec = models.get_model(model)
     recipe_obj = recipes.get_recipe(recipe)

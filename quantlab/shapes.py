@@ -194,7 +194,8 @@ def prompt_accuracy(images, captions) -> float:
     """The fraction of images whose detected shape, colour and position all match their caption."""
     images, captions = list(images), list(captions)
     if len(images) != len(captions) or not images:
-        raise ValueError(f"prompt_accuracy needs one caption per image, at least one: {len(images)} vs {len(captions)}.")
+        raise ValueError(f"prompt_accuracy needs one caption per image, at least one: {len(images)} images, "
+                         f"{len(captions)} captions.")
     hits = 0
     for image, text in zip(images, captions):
         wanted, found = parse_caption(text), detect(image)

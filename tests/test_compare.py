@@ -32,10 +32,12 @@ def test_every_recipe_is_measured_against_bf16(comparison):
     assert table.loc["bf16", "ssim"] == 1.0
     # int8 stays close to bf16; int2 destroys the output (chapter 04 measured the same on this model)
     assert 25 < table.loc["quanto-int8", "sqnr_db"] < 45 and 30 < table.loc["quanto-int8", "psnr_db"] < 60
-    assert table.loc["quanto-int2", "sqnr_db"] < 5 < table.loc["gguf-q4_1", "sqnr_db"] < table.loc["quanto-int8", "sqnr_db"]
+    sqnr = table.sqnr_db
+    assert sqnr["quanto-int2"] < 5 < sqnr["gguf-q4_1"] < sqnr["quanto-int8"]
     assert table.loc["quanto-int2", "ssim"] < table.loc["quanto-int8", "ssim"] < 1.0
     # fewer bits, fewer bytes of weights; on a CPU the peak is the process's host RSS
-    assert table.loc["quanto-int2", "weights_gib"] < table.loc["quanto-int8", "weights_gib"] < table.loc["bf16", "weights_gib"]
+    weights = table.weights_gib
+    assert weights["quanto-int2"] < weights["quanto-int8"] < weights["bf16"]
     assert set(table.peak_mem_kind) == {"host RSS"} and (table.s_per_image > 0).all()
     assert result.rows[3].extra["gguf_file_bytes"] > 0 and result.rows[3].extra["backend"] == "gguf"
 
