@@ -49,8 +49,9 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str | 
                notes: str = "", **load_kwargs) -> RecipeRun:
     """Load `model` with `recipe`, then measure memory after loading, peak memory, time and image error.
 
-    With a list of prompts, timed image i uses prompt i (cycling), as `measure.time_generation` does,
-    and `reference_image` may be a list too: the row's PSNR and SSIM are then means over the pairs.
+    With a list of prompts, timed image i uses prompt i (cycling), as `measure.time_generation` does, and
+    the warm-up and compile runs use the first; `reference_image` may be a list too, one per timed image:
+    the row's PSNR is then that of the pooled error and its SSIM the mean over the pairs.
 
     The warm-up images use `warmup_steps` denoising steps (default: `steps`); the timed ones use `steps`.
     With `compile=True` the transformer is then compiled (`transformer.compile(fullgraph=...)`, or with
@@ -62,6 +63,7 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str | 
     """
     spec = models.get_model(model)
     device = device or env.default_device()
+    first_prompt = prompt if isinstance(prompt, str) else prompt[0]
     call = spec.call_kwargs()
     call.update({k: v for k, v in {"height": height, "width": width, "num_inference_steps": steps}.items() if v})
 
@@ -81,7 +83,6 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str | 
         if warmup:
             warm_call = {**call, "num_inference_steps": warmup_steps or call["num_inference_steps"]}
             for _ in range(warmup):
-                first_prompt = prompt if isinstance(prompt, str) else prompt[0]
                 pipe(first_prompt, generator=torch.Generator("cpu").manual_seed(seed), **warm_call)
         _progress(f"{recipe}: warmed up")
         measure.reset_peak_gpu_memory(device)
@@ -170,8 +171,8 @@ def _compile_and_time(pipe, prompt, call, seed, repeats, device, fullgraph, regi
             pipe.transformer.compile(fullgraph=fullgraph)
         measure.synchronize(device)
         start = time.perf_counter()
-        pipe(prompt if isinstance(prompt, str) else prompt[0], generator=torch.Generator("cpu").manual_seed(seed),
-             **call)
+        first_prompt = prompt if isinstance(prompt, str) else prompt[0]
+        pipe(first_prompt, generator=torch.Generator("cpu").manual_seed(seed), **call)
         measure.synchronize(device)
         first_image_s = time.perf_counter() - start
         _progress(f"{row.recipe}: compiled and ran the first image in {first_image_s:.0f} s")

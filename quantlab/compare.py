@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import random
 import sys
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import env, measure, models, recipes
+from . import env, measure, models, recipes, viz
 
 __all__ = [
     "BLOG_PROMPTS",
@@ -135,15 +134,8 @@ def comparison_recipes(device: str | env.DeviceInfo | None = None,
                        candidates: Sequence[str] = CANDIDATE_RECIPES) -> tuple[list[str], dict[str, str]]:
     """The candidates that run on `device`, and for each other one why it does not."""
     info = device if isinstance(device, env.DeviceInfo) else env.device_info(device)
-    runnable, skipped = [], {}
-    for name in candidates:
-        try:
-            recipes.check_runs_here(name, info, env.default_dtype(info))
-        except recipes.UnsupportedHardwareError as error:
-            skipped[name] = str(error)
-        else:
-            runnable.append(name)
-    return runnable, skipped
+    reasons = {name: recipes.why_not_here(name, info, env.default_dtype(info)) for name in candidates}
+    return [name for name, why in reasons.items() if why is None], {n: why for n, why in reasons.items() if why}
 
 
 def transformer_output(pipe, inputs: dict[str, Any]) -> torch.Tensor:
@@ -466,18 +458,15 @@ def recommend(gpu_mem_gib: float | None, host_ram_gib: float, compute_capability
     if gpu_mem_gib is None or compute_capability is None:
         device = env.DeviceInfo("cpu", "a CPU without a GPU")
     else:
-        cc = tuple(compute_capability)
-        device = env.DeviceInfo("cuda", f"a GPU with {gpu_mem_gib:g} GiB", cc, bf16=cc >= env.BF16_MIN_CC,
-                                fp8=cc >= env.FP8_MIN_CC, total_memory_gib=gpu_mem_gib)
+        device = env.describe_gpu(f"a GPU with {gpu_mem_gib:g} GiB", compute_capability, gpu_mem_gib)
     dtype = env.default_dtype(device)
     fitting, cannot_run, notes = [], {}, []
     for source, row in _candidate_rows(results):
         host = max(v for v in (row.peak_host_rss_gib, row.extra.get("peak_host_rss_generating_gib"), 0.0)
                    if v is not None)
-        try:
-            recipes.check_runs_here(row.recipe, device, dtype)
-        except recipes.UnsupportedHardwareError as error:
-            cannot_run[row.recipe] = str(error)
+        why_not = recipes.why_not_here(row.recipe, device, dtype)
+        if why_not:
+            cannot_run[row.recipe] = why_not
             continue
         if device.kind == "cpu":
             cannot_run[row.recipe] = ("measured on a GPU only; on a CPU every recipe runs, but a 12B FLUX.1-dev "
@@ -527,14 +516,6 @@ def recommend(gpu_mem_gib: float | None, host_ram_gib: float, compute_capability
 # --- the quiz ---------------------------------------------------------------------------------
 
 
-def _png(image) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 class SpotTheQuantized:
     """"Spot the quantized image": each round shows the bf16 image and a quantized one in random order.
 
@@ -581,7 +562,7 @@ class SpotTheQuantized:
     def _show(self) -> None:
         reference, quantized, _recipe, prompt = self.rounds[self.round]
         left, right = (quantized, reference) if self.quantized_position[self.round] == 0 else (reference, quantized)
-        self.images[0].value, self.images[1].value = _png(left), _png(right)
+        self.images[0].value, self.images[1].value = viz.png_bytes(left), viz.png_bytes(right)
         self.question.value = (f"<b>Round {self.round + 1} of {len(self.rounds)}</b> ({prompt}): one image is bf16, "
                                "the other quantized. Which is quantized?")
         self.answer.value = ""

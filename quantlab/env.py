@@ -15,6 +15,7 @@ __all__ = [
     "PACKAGES",
     "default_device",
     "default_dtype",
+    "describe_gpu",
     "device_info",
     "host_memory_gib",
     "package_versions",
@@ -117,6 +118,14 @@ def default_device() -> str:
     return os.environ.get("QUANTLAB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def describe_gpu(name: str, compute_capability: tuple[int, int], total_memory_gib: float | None = None,
+                 free_memory_gib: float | None = None) -> DeviceInfo:
+    """A CUDA GPU, present or not: the number formats it computes in follow from its compute capability."""
+    cc = tuple(compute_capability)
+    return DeviceInfo(kind="cuda", name=name, compute_capability=cc, bf16=cc >= BF16_MIN_CC, fp8=cc >= FP8_MIN_CC,
+                      total_memory_gib=total_memory_gib, free_memory_gib=free_memory_gib)
+
+
 def device_info(device: str | None = None) -> DeviceInfo:
     """Describe `device` (default: `default_device()`)."""
     device = device or default_device()
@@ -126,15 +135,7 @@ def device_info(device: str | None = None) -> DeviceInfo:
         index = torch.device(device).index or 0
         cc = torch.cuda.get_device_capability(index)
         free, total = torch.cuda.mem_get_info(index)
-        return DeviceInfo(
-            kind="cuda",
-            name=torch.cuda.get_device_name(index),
-            compute_capability=cc,
-            bf16=cc >= BF16_MIN_CC,
-            fp8=cc >= FP8_MIN_CC,
-            total_memory_gib=total / GIB,
-            free_memory_gib=free / GIB,
-        )
+        return describe_gpu(torch.cuda.get_device_name(index), cc, total / GIB, free / GIB)
     if device == "cpu":
         total, available = host_memory_gib()
         return DeviceInfo(

@@ -224,19 +224,11 @@ def plan(model: str | None, recipe: str, gpu: str | float = "T4", height: int = 
         gpu_mem, cc = GPUS[gpu]
     else:
         gpu_mem, cc = float(gpu), (9, 0)
-    device = env.DeviceInfo("cuda", str(gpu), cc, bf16=cc >= env.BF16_MIN_CC, fp8=cc >= env.FP8_MIN_CC,
-                            total_memory_gib=gpu_mem)
-
-    def runs(name: str) -> str | None:
-        try:
-            recipes.check_runs_here(name, device)
-        except recipes.UnsupportedHardwareError as error:
-            return str(error)
-        return None
+    device = env.describe_gpu(str(gpu), cc, gpu_mem)
 
     peak = predict_peak_gpu_gib(spec.name, recipe_obj, height, width)
     weights = {name: value / GIB for name, value in weights_bytes(spec.name, recipe_obj).items()}
-    cannot = runs(recipe_obj.name)
+    cannot = recipes.why_not_here(recipe_obj, device)
     if cannot:
         fits, reason = False, cannot
     elif peak + margin_gib > gpu_mem:
@@ -246,7 +238,7 @@ def plan(model: str | None, recipe: str, gpu: str | float = "T4", height: int = 
     instead = []
     if not fits:
         for name in _ALTERNATIVES:
-            if name == recipe_obj.name or runs(name):
+            if name == recipe_obj.name or recipes.why_not_here(name, device):
                 continue
             other = predict_peak_gpu_gib(spec.name, name, height, width)
             if other + margin_gib <= gpu_mem:

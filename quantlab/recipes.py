@@ -28,6 +28,7 @@ __all__ = [
     "list_recipes",
     "get_recipe",
     "check_runs_here",
+    "why_not_here",
     "load_pipeline",
     "place_pipeline",
 ]
@@ -338,6 +339,15 @@ def check_runs_here(recipe: str | Recipe, device: env.DeviceInfo | None = None,
             f"bf16 needs compute capability 8.0+ (Ampere or newer), and {device.label} lacks it. "
             "Load in float16 instead (dtype=torch.float16), which is the default on this GPU."
         )
+
+
+def why_not_here(recipe: str | Recipe, device: env.DeviceInfo, dtype: torch.dtype | None = None) -> str | None:
+    """Why `recipe` cannot run on `device` (`check_runs_here`'s message), or None when it can."""
+    try:
+        check_runs_here(recipe, device, dtype)
+    except UnsupportedHardwareError as error:
+        return str(error)
+    return None
 
 
 def place_pipeline(pipe, device: str, offload: str | None = None):

@@ -9,7 +9,7 @@ import numpy as np
 from .measure import require_columns
 
 __all__ = ["image_grid", "side_by_side", "bar_chart", "memory_time_bars", "memory_time_scatter", "tradeoff_scatter",
-           "histogram", "byte_layout", "ImageFlipper", "image_flipper", "SortableTable"]
+           "histogram", "byte_layout", "png_bytes", "ImageFlipper", "image_flipper", "SortableTable"]
 
 
 def _figure(nrows: int, ncols: int, cell_inches: float = 3.0):
@@ -105,6 +105,15 @@ def memory_time_bars(frame, label: str = "recipe", memory: str = "mem_after_load
     return fig
 
 
+def _rows_with(frame, memory: str, time: str, *other_columns: str):
+    """The rows of `frame` that have both a `memory` and a `time` figure; `ValueError` when none has."""
+    require_columns(frame, memory, time, *other_columns)
+    drawn = frame[frame[memory].notna() & frame[time].notna()]
+    if drawn.empty:
+        raise ValueError(f"Nothing to draw: no row has both {memory} and {time}.")
+    return drawn
+
+
 def memory_time_scatter(frame, memory: str = "peak_gpu_mem_gib", time: str = "s_per_image", label: str = "recipe",
                         source: str = "source", limit_gib: float | None = None, limit_label: str = "limit",
                         log_time: bool = True, title: str | None = None):
@@ -115,10 +124,7 @@ def memory_time_scatter(frame, memory: str = "peak_gpu_mem_gib", time: str = "s_
     """
     import matplotlib.pyplot as plt
 
-    require_columns(frame, memory, time, label)
-    drawn = frame[frame[memory].notna() & frame[time].notna()]
-    if drawn.empty:
-        raise ValueError(f"Nothing to draw: no row has both {memory} and {time}.")
+    drawn = _rows_with(frame, memory, time, label)
     sources = list(dict.fromkeys(drawn[source])) if source in drawn.columns else [None]
     markers = "os^Dv<>"
     fig, ax = plt.subplots(figsize=(9, 6))
@@ -158,10 +164,7 @@ def tradeoff_scatter(frame, memory: str, time: str, error: str, front, label: st
     """
     import matplotlib.pyplot as plt
 
-    require_columns(frame, memory, time, error, label)
-    drawn = frame[frame[memory].notna() & frame[time].notna()]
-    if drawn.empty:
-        raise ValueError(f"Nothing to draw: no row has both {memory} and {time}.")
+    drawn = _rows_with(frame, memory, time, error, label)
     front = front.reindex(drawn.index).fillna(False).astype(bool)
     colour = drawn[error].astype(float)
     finite = colour[np.isfinite(colour)]
@@ -210,24 +213,28 @@ def histogram(values, markers: dict[str, Sequence[float]] | None = None, bins: i
     return fig
 
 
+def png_bytes(image) -> bytes:
+    """An image (PIL, or an HxWx3 uint8 array) encoded as PNG, as `ipywidgets.Image` takes it."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 class ImageFlipper:
     """An ipywidgets widget that flips between images: a slider and buttons choose which one shows."""
 
     def __init__(self, images: Sequence, captions: Sequence[str]):
-        import io
-
         import ipywidgets as widgets
-        from PIL import Image
 
         if len(images) != len(captions) or not images:
             raise ValueError(f"ImageFlipper needs as many captions as images, at least one: {len(images)} vs "
                              f"{len(captions)}.")
         self.captions = list(captions)
-        self._png = []
-        for image in images:
-            buffer = io.BytesIO()
-            Image.fromarray(np.asarray(image)).save(buffer, format="PNG")
-            self._png.append(buffer.getvalue())
+        self._png = [png_bytes(image) for image in images]
         self.image = widgets.Image(value=self._png[0], format="png", width=384)
         self.label = widgets.Label(value=self.captions[0])
         self.selector = widgets.ToggleButtons(options=list(range(len(images))), value=0,

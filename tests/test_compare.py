@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import quantlab as ql
-from quantlab import compare
+from quantlab import compare, viz
 
 CPU = ql.env.DeviceInfo("cpu", "test CPU")
 TWO_PROMPTS = {"Baroque": compare.BLOG_PROMPTS["Baroque"], "Noir": compare.BLOG_PROMPTS["Noir"]}
@@ -258,8 +258,8 @@ def test_quiz_shows_the_quantized_image_where_it_says():
     for index in range(4):
         reference, quantized, _recipe, _prompt = quiz.rounds[index]
         shown = [image.value for image in quiz.images]
-        assert shown[quiz.quantized_position[index]] == compare._png(quantized)
-        assert shown[1 - quiz.quantized_position[index]] == compare._png(reference)
+        assert shown[quiz.quantized_position[index]] == viz.png_bytes(quantized)
+        assert shown[1 - quiz.quantized_position[index]] == viz.png_bytes(reference)
         quiz.choose(0)
         quiz.next_round()
     assert sorted(r[2] for r in quiz.rounds) == [f"recipe-{i}" for i in range(4)]

@@ -132,3 +132,12 @@ def test_report_rows_for_a_t4():
     assert rows["device memory free / total"] == "n/a / n/a"
     assert rows["host RAM available / total"] == "12.3 GiB / n/a"
     assert report.as_dict()["device"]["compute_capability"] == (7, 5)
+
+
+def test_a_described_gpu_computes_in_what_its_compute_capability_allows():
+    assert env.describe_gpu("Tesla T4", (7, 5)) == T4
+    assert env.describe_gpu("NVIDIA H100 80GB HBM3", (9, 0)) == H100
+    ada = env.describe_gpu("NVIDIA L4", [8, 9], total_memory_gib=22.0)
+    assert (ada.compute_capability, ada.bf16, ada.fp8, ada.total_memory_gib) == ((8, 9), True, True, 22.0)
+    ampere = env.describe_gpu("NVIDIA A100", (8, 0))
+    assert ampere.bf16 and not ampere.fp8

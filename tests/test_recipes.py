@@ -451,3 +451,12 @@ def test_place_pipeline_calls():
         [(name, args, kwargs)] = pipe.calls
         assert name == "enable_group_offload" and args == ()
         assert kwargs == {"onload_device": torch.device("cuda"), "offload_device": torch.device("cpu"), **want}, mode
+
+
+def test_why_not_here_gives_the_reason_or_none():
+    t4 = ql.env.describe_gpu("Tesla T4", (7, 5))
+    assert ql.recipes.why_not_here("bnb-4bit-nf4", t4) is None
+    assert "compute capability 8.9" in ql.recipes.why_not_here("torchao-float8dq-row", t4)
+    cpu = ql.env.DeviceInfo("cpu", "test CPU")
+    assert "needs a CUDA GPU" in ql.recipes.why_not_here("bnb-8bit", cpu)
+    assert "float16 instead" in ql.recipes.why_not_here("bf16", t4, torch.bfloat16)
