@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-MODEL  ?= tiny
+MODEL  ?= mini
 OUT    ?= build
 # Where torch comes from. Empty means the default index; a CPU-only laptop can pass the PyTorch
 # CPU wheel index here to avoid the CUDA build.
@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 TORCH_PIN := $(shell sed -n 's/^ *"\(torch==[^"]*\)".*/\1/p' pyproject.toml)
 STAMP     := $(VENV)/.installed
 
-.PHONY: setup course test lab clean clean-all
+.PHONY: setup course test lab colab clean clean-all
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ test: $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
+
+# The Colab copies of the chapters (colab/), regenerated from notebooks/; tests/test_colab.py checks they are current.
+colab: $(STAMP)
+	$(PY) -m quantlab.colab
 
 clean:
 	rm -rf $(OUT) .pytest_cache

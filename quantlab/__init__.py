@@ -2,8 +2,8 @@
 
 Notebooks import it as ``import quantlab as ql`` and call ``ql.models``, ``ql.recipes``,
 ``ql.measure``, ``ql.viz`` and ``ql.env``, and a module per topic (``ql.bnb``, ``ql.gguf``,
-``ql.torchao``, ``ql.quanto``, ``ql.memory``, ``ql.speed``, ``ql.compare``, ``ql.plan``); the most
-used functions are also here at the top.
+``ql.torchao``, ``ql.quanto``, ``ql.memory``, ``ql.speed``, ``ql.compare``, ``ql.plan``, ``ql.lowram``); the
+most used functions are also here at the top.
 """
 
 import importlib
@@ -19,11 +19,13 @@ __version__ = "0.1.0"
 __all__ = [
     "bench",
     "bnb",
+    "colab",
     "compare",
     "course",
     "env",
     "gguf",
     "gguf_quants",
+    "lowram",
     "measure",
     "memory",
     "models",
@@ -49,8 +51,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # `ql.bench`, `ql.course` and `ql.train_mini` are command-line modules too (`python -m quantlab.bench`),
-    # so they are imported on first use rather than with the package.
-    if name in ("bench", "course", "train_mini"):
+    # `ql.bench`, `ql.colab`, `ql.course`, `ql.lowram` and `ql.train_mini` are command-line modules too (`python -m
+    # quantlab.bench`), so they are imported on first use rather than with the package.
+    if name in ("bench", "colab", "course", "lowram", "train_mini"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'quantlab' has no attribute {name!r}")

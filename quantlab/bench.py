@@ -34,6 +34,7 @@ class RecipeRun:
     row: measure.Measurement
     images: list
     pipe: Any = None
+    accuracy: measure.PromptAccuracy | None = None  # the shape pictures, when prompt accuracy was measured
 
     @property
     def image(self):
@@ -46,7 +47,7 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str | 
                warmup: int = 1, warmup_steps: int | None = None, repeats: int = 3, reference_image=None,
                device: str | None = None, keep_pipeline: bool = False, compile: bool = False,
                fullgraph: bool = False, regional: bool = False, eager_row_out: str | None = None,
-               notes: str = "", **load_kwargs) -> RecipeRun:
+               accuracy_captions: int = 0, notes: str = "", **load_kwargs) -> RecipeRun:
     """Load `model` with `recipe`, then measure memory after loading, peak memory, time and image error.
 
     With a list of prompts, timed image i uses prompt i (cycling), as `measure.time_generation` does, and
@@ -59,7 +60,8 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str | 
     again: the row's times are the compiled ones, and `extra` holds the eager times and the compile
     time (the first compiled image minus a compiled image). `eager_row_out`, if given, receives the
     eager row before compiling starts, so a run cut off while compiling keeps it; it is removed once
-    the compiled row exists.
+    the compiled row exists. With `accuracy_captions=n` the row's `prompt_accuracy` is measured on `n` of
+    the mini model's held-out shape captions (`measure.prompt_accuracy`), after the timed images.
     """
     spec = models.get_model(model)
     device = device or env.default_device()
@@ -132,13 +134,16 @@ def run_recipe(model: str | None = None, recipe: str = "bf16", *, prompt: str | 
         row.psnr_db = measure.psnr_db(np.concatenate([np.asarray(i) for i, _ in pairs], axis=1),
                                       np.concatenate([np.asarray(r) for _, r in pairs], axis=1))
         row.ssim = float(np.mean([measure.ssim(image, ref) for image, ref in pairs]))
+    accuracy = measure.prompt_accuracy(pipe, call, accuracy_captions, seed=seed) if accuracy_captions else None
+    if accuracy is not None:
+        row.prompt_accuracy = accuracy.accuracy
     if not keep_pipeline:
         del pipe
         pipe = None
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    return RecipeRun(row, timing.images, pipe)
+    return RecipeRun(row, timing.images, pipe, accuracy)
 
 
 def _timing_fields(timing: measure.GenerationTiming) -> dict[str, float]:

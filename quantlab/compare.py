@@ -124,6 +124,7 @@ class Comparison:
     prompt_labels: list[str]
     reference: Reference | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # recipe -> why it did not run here
+    accuracy: dict[str, measure.PromptAccuracy] = field(default_factory=dict)  # recipe -> its shape pictures
 
     @property
     def frame(self):
@@ -162,13 +163,14 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
                    prompts: dict[str, str] = BLOG_PROMPTS, seed: int = 0, steps: int | None = None,
                    warmup_steps: int | None = 2, gguf_dir: str | Path | None = None,
                    reference: str | Path | Reference | None = None, device: str | None = None,
-                   on_row=None, errors: bool = True) -> Comparison:
+                   on_row=None, errors: bool = True, accuracy_captions: int = 0) -> Comparison:
     """Run every recipe of `recipe_names` (default: every candidate that runs here) on the same prompts and seed.
 
     The reference is the first recipe, which must be bf16, unless `reference` is given: a `Reference`,
     or a file that one is loaded from (and saved to after a bf16 run, when it does not exist yet), so
     that recipes run in separate processes share one. `on_row(row)` is called as each recipe ends.
     With `errors=False` nothing is compared with bf16 (no reference needed): memory and time only.
+    With `accuracy_captions=n` each row also has the prompt accuracy on `n` held-out shape captions.
     """
     from . import bench
 
@@ -195,7 +197,7 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
     if steps:
         call["num_inference_steps"] = steps
 
-    rows, images = [], {}
+    rows, images, accuracy = [], {}, {}
     for name in recipe_names:
         gguf_file, write_report = None, None
         recipe = recipes.get_recipe(name)
@@ -207,7 +209,7 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
             spec.name, name, prompt=list(prompts.values()), steps=steps, seed=seed, warmup=1,
             warmup_steps=warmup_steps, repeats=len(prompts), device=device, keep_pipeline=True,
             reference_image=None if ref is None else list(ref.images),
-            notes=f"the {len(prompts)} prompts {', '.join(prompts)}, seed {seed}",
+            notes=f"the {len(prompts)} prompts {', '.join(prompts)}, seed {seed}", accuracy_captions=accuracy_captions,
             **({"gguf_file": gguf_file} if gguf_file else {}),
         )
         if ref is None and errors:  # this is the bf16 run
@@ -225,13 +227,15 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
             run.row.extra["gguf_write_s"] = write_report.seconds
         rows.append(run.row)
         images[name] = run.images
+        if run.accuracy is not None:
+            accuracy[name] = run.accuracy
         del run
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         if on_row is not None:
             on_row(rows[-1])
-    return Comparison(rows, images, list(prompts), ref, skipped)
+    return Comparison(rows, images, list(prompts), ref, skipped, accuracy)
 
 
 def comparison_table(rows):
@@ -257,7 +261,9 @@ def comparison_table(rows):
     table["psnr_db"] = frame["psnr_db"]
     table["ssim"] = frame["ssim"]
     table["sqnr_db"] = extra.map(lambda e: e.get("sqnr_db"))
-    numbers = ["mem_after_load_gib", "peak_mem_gib", "s_per_image", "weights_gib", "psnr_db", "ssim", "sqnr_db"]
+    table["prompt_accuracy"] = frame["prompt_accuracy"] if "prompt_accuracy" in frame else None
+    numbers = ["mem_after_load_gib", "peak_mem_gib", "s_per_image", "weights_gib", "psnr_db", "ssim", "sqnr_db",
+               "prompt_accuracy"]
     table[numbers] = table[numbers].astype(float)  # a figure not measured is NaN, not None
     table["error"] = extra.map(lambda e: e.get("error"))
     table["device"] = frame["device"]

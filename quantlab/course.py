@@ -23,7 +23,7 @@ __all__ = ["notebook_paths", "run_notebook", "write_summary", "markdown_table", 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_COLUMNS = [
     "chapter", "model", "recipe", "device", "height", "width", "steps", "mem_after_load_gib", "peak_gpu_mem_gib",
-    "peak_host_rss_gib", "weights_bytes", "ms_per_step", "s_per_image", "psnr_db", "ssim", "date",
+    "peak_host_rss_gib", "weights_bytes", "ms_per_step", "s_per_image", "psnr_db", "ssim", "prompt_accuracy", "date",
 ]
 
 
@@ -90,7 +90,7 @@ def write_summary(run_dir: Path):
 
 COMPARISON_CHAPTER = "07_compare"
 COMPARISON_COLUMNS = ["recipe", "mem_after_load_gib", "peak_mem_gib", "peak_mem_kind", "s_per_image", "weights_gib",
-                      "psnr_db", "ssim", "sqnr_db"]
+                      "psnr_db", "ssim", "sqnr_db", "prompt_accuracy"]
 
 
 def comparison_summary(run_dir: Path) -> str:
@@ -105,7 +105,7 @@ def comparison_summary(run_dir: Path) -> str:
         return f"No comparison table: {path.name} holds no comparison rows."
     table = compare.comparison_table(rows)[COMPARISON_COLUMNS]
     return (f"Every recipe side by side ({rows[0].model}, {rows[0].device}, the blog's three prompts; error against "
-            f"bf16):\n\n" + markdown_table(table))
+            f"bf16; prompt accuracy on held-out shape captions):\n\n" + markdown_table(table))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,13 @@
 """The models the course runs on, and how each one reaches `FluxPipeline.from_pretrained`.
 
-Four models are registered:
+Five models are registered:
 
 - ``tiny``: a scaled-down FLUX.1-dev with random weights, built offline from configs and
-  saved once to a cache folder. It is the default, and it runs on a CPU in seconds.
+  saved once to a cache folder. It runs on a CPU in seconds; the unit tests use it.
+- ``mini``: a small FLUX trained on captioned coloured shapes (``quantlab.train_mini``): the
+  tiny model's tokenizers and frozen text encoders, and a trained transformer and VAE shipped
+  in ``quantlab/data/mini`` (13 MB). It draws 64×64 pictures that follow their prompts, so
+  quantization damage is visible, and measurable as prompt accuracy, on a CPU. The course's default.
 - ``flux-dev-shaped``: the real 12B FLUX.1-dev architecture (and real-shape T5-XXL and
   CLIP-L) with random weights, generated on the GPU and saved to the cache, for measuring
   memory and speed at full scale without a download.
@@ -45,7 +49,7 @@ __all__ = [
     "COMPONENT_NAMES",
 ]
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "mini"
 GIB = 1024**3
 
 # The seven pieces of a FluxPipeline, in the order the pipeline's constructor takes them.
@@ -170,8 +174,23 @@ TINY_T5 = {
 # full-scale model keep their real (larger) size, so every token id is valid for both.
 TOKENIZER_VOCAB_SIZE = 1024
 
-# Bump when the embedded build changes, so that old caches are not reused.
-EMBEDDED_BUILD_VERSION = 1
+# The mini model (trained by quantlab.train_mini): the tiny model's widths (multiples of 256, so every
+# backend's blocks apply) with fewer blocks, reading 4-channel latents packed 2×2 (16 features); an
+# autoencoder with three resolution levels, 64×64 pixels <-> 16×16×4 latents; no guidance embedding and
+# no resolution-dependent shift. Its trained weights are in quantlab/data/mini.
+MINI_TRANSFORMER = {**TINY_TRANSFORMER, "in_channels": 16, "num_layers": 1, "num_single_layers": 3,
+                    "guidance_embeds": False}
+MINI_VAE = {**FLUX_DEV_VAE, "down_block_types": ["DownEncoderBlock2D"] * 3,
+            "up_block_types": ["UpDecoderBlock2D"] * 3, "block_out_channels": [32, 64, 64], "layers_per_block": 1,
+            "latent_channels": 4, "sample_size": 64, "scaling_factor": 1.0, "shift_factor": 0.0}
+MINI_SCHEDULER = {**FLUX_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}
+TRAINED_DIR = Path(__file__).parent / "data"
+TOKENIZERS_DIR = TRAINED_DIR / "tokenizers"  # made once by _build_tokenizers(1024, 1024, 77, 512)
+
+# Bump when the embedded build changes, so that old caches are not reused. Version 2 builds the models
+# that fit a CPU on the CPU everywhere, so that their random weights are the same on every machine;
+# version 3 copies the shipped tokenizers.
+EMBEDDED_BUILD_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -189,6 +208,7 @@ class ModelSpec:
     steps: int = 50
     guidance_scale: float = 3.5
     max_sequence_length: int = 512
+    trained: str | None = None  # a folder of TRAINED_DIR whose components replace the random ones
 
     def call_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `FluxPipeline.__call__` that suit this model."""
@@ -227,6 +247,24 @@ MODELS: dict[str, ModelSpec] = {
         width=128,
         steps=4,
         max_sequence_length=64,
+    ),
+    "mini": ModelSpec(
+        name="mini",
+        source="embedded",
+        description="a small FLUX trained on captioned coloured shapes: 64×64 pictures that follow the prompt",
+        configs={
+            "transformer": MINI_TRANSFORMER,
+            "text_encoder_2": TINY_T5,
+            "text_encoder": TINY_CLIP,
+            "vae": MINI_VAE,
+            "scheduler": MINI_SCHEDULER,
+        },
+        height=64,
+        width=64,
+        steps=10,  # held-out prompt accuracy is the same at 10 steps as at 20 (results/10_mini_prompt_accuracy.json)
+        guidance_scale=1.0,
+        max_sequence_length=48,
+        trained="mini",
     ),
     "flux-dev-shaped": ModelSpec(
         name="flux-dev-shaped",
@@ -355,7 +393,11 @@ def _corpus_lines() -> list[str]:
 
 
 def _build_tokenizers(clip_vocab_size: int, t5_vocab_size: int, clip_max_length: int, t5_max_length: int):
-    """A byte-level BPE CLIPTokenizer and a Unigram T5TokenizerFast, trained on the embedded corpus."""
+    """A byte-level BPE CLIPTokenizer and a Unigram T5TokenizerFast, trained on the embedded corpus.
+
+    This is how the tokenizers in TOKENIZERS_DIR were made. Builds copy those files instead of calling
+    it, because the trainers break ties differently from one machine (and thread count) to the next.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer, T5TokenizerFast
 
@@ -455,26 +497,28 @@ def build_embedded_model(name: str, path: str | os.PathLike, seed: int = 0, devi
     spec = get_model(name)
     if spec.source != "embedded":
         raise ValueError(f"{name!r} is downloaded from the Hub, not built. Embedded models: {_embedded_names()}.")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # CPU and CUDA random generators differ, so a model small enough for a CPU is built there on every
+    # machine: the mini model's frozen text encoders are the tiny model's, wherever it was trained.
+    device = device or ("cuda" if spec.needs_gpu and torch.cuda.is_available() else "cpu")
     if spec.needs_gpu and not device.startswith("cuda"):
         raise ModelUnavailableError(
             f"{name!r} is generated on a CUDA GPU (it holds 16.9B parameters, 34 GB in bf16), and this "
             "machine has none. Use QUANTLAB_MODEL=tiny on a CPU."
         )
+    trained = _trained_folder(spec)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
-        clip_tokenizer, t5_tokenizer = _build_tokenizers(
-            clip_vocab_size=min(spec.configs["text_encoder"]["vocab_size"], TOKENIZER_VOCAB_SIZE),
-            t5_vocab_size=min(spec.configs["text_encoder_2"]["vocab_size"], TOKENIZER_VOCAB_SIZE),
-            clip_max_length=spec.configs["text_encoder"]["max_position_embeddings"],
-            t5_max_length=512,
-        )
-        clip_tokenizer.save_pretrained(staging / "tokenizer")
-        t5_tokenizer.save_pretrained(staging / "tokenizer_2")
+        # the shipped tokenizers: training them again is not deterministic (tie-breaking varies with the
+        # machine's threads), and the mini model's transformer was trained on these token ids
+        shutil.copytree(TOKENIZERS_DIR / "clip", staging / "tokenizer")
+        shutil.copytree(TOKENIZERS_DIR / "t5", staging / "tokenizer_2")
         FlowMatchEulerDiscreteScheduler.from_config(spec.configs["scheduler"]).save_pretrained(staging / "scheduler")
         for component in MODEL_COMPONENTS:
+            if trained is not None and (trained / component).is_dir():  # trained weights, as they were saved
+                shutil.copytree(trained / component, staging / component)
+                continue
             module = _build_component(component, spec.configs[component], device, torch.bfloat16, seed)
             module.save_pretrained(staging / component, max_shard_size="5GB")
             del module
@@ -514,8 +558,37 @@ def _embedded_names() -> str:
     return ", ".join(n for n, s in MODELS.items() if s.source == "embedded")
 
 
+def _trained_folder(spec: ModelSpec) -> Path | None:
+    """Where `spec`'s trained components are, checked: None for a model with random weights only."""
+    if spec.trained is None:
+        return None
+    folder = TRAINED_DIR / spec.trained
+    missing = [c for c in ("transformer", "vae") if not (folder / c / "diffusion_pytorch_model.safetensors").is_file()]
+    if missing:
+        raise ModelUnavailableError(
+            f"The trained weights of {spec.name!r} are missing from {folder} ({', '.join(missing)}). They ship with "
+            f"quantlab: reinstall it (pip install -e .), or train them with `python -m quantlab.train_mini`. "
+            f"QUANTLAB_MODEL=tiny needs no trained weights.")
+    return folder
+
+
+def _trained_fingerprint(spec: ModelSpec) -> str:
+    """A short hash of the trained weights, so that a cache built from older ones is not reused."""
+    import hashlib
+
+    folder = _trained_folder(spec)
+    digest = hashlib.sha256()
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            digest.update(file.relative_to(folder).as_posix().encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def _embedded_path(name: str, seed: int) -> Path:
-    return cache_dir() / f"{name}-v{EMBEDDED_BUILD_VERSION}-seed{seed}"
+    spec = get_model(name)
+    trained = f"-{_trained_fingerprint(spec)}" if spec.trained else ""
+    return cache_dir() / f"{name}-v{EMBEDDED_BUILD_VERSION}{trained}-seed{seed}"
 
 
 def model_path(name: str | None = None, seed: int = 0) -> str:

@@ -28,6 +28,8 @@ __all__ = [
     "prompt_accuracy",
     "all_scenes",
     "split_scenes",
+    "held_out_captions",
+    "matches",
 ]
 
 SHAPES = ("circle", "square", "triangle")
@@ -88,6 +90,16 @@ def split_scenes(held_out_fraction: float = 0.1, seed: int = 0) -> tuple[list[Sc
     random.Random(seed).shuffle(scenes)
     cut = int(round(len(scenes) * held_out_fraction))
     return scenes[cut:], scenes[:cut]
+
+
+def held_out_captions(n: int | None = None) -> list[str]:
+    """`n` of the 90 captions the mini model never saw in training (all of them by default), spread evenly."""
+    held_out = [caption(s) for s in split_scenes(0.1, seed=0)[1]]
+    if n is None or n >= len(held_out):
+        return held_out
+    if n < 1:
+        raise ValueError(f"held_out_captions needs n >= 1, got {n}.")
+    return [held_out[round(i * len(held_out) / n)] for i in range(n)]
 
 
 def caption(scene: Scene) -> str:
@@ -190,15 +202,17 @@ def detect(image) -> Scene | None:
         return None
 
 
+def matches(image, text: str) -> bool:
+    """Whether the detector finds the shape, colour and position that caption `text` asks for in `image`."""
+    wanted, found = parse_caption(text), detect(image)
+    return found is not None and (found.shape, found.colour, found.position) == (
+        wanted.shape, wanted.colour, wanted.position)
+
+
 def prompt_accuracy(images, captions) -> float:
     """The fraction of images whose detected shape, colour and position all match their caption."""
     images, captions = list(images), list(captions)
     if len(images) != len(captions) or not images:
         raise ValueError(f"prompt_accuracy needs one caption per image, at least one: {len(images)} images, "
                          f"{len(captions)} captions.")
-    hits = 0
-    for image, text in zip(images, captions):
-        wanted, found = parse_caption(text), detect(image)
-        hits += found is not None and (found.shape, found.colour, found.position) == (
-            wanted.shape, wanted.colour, wanted.position)
-    return hits / len(images)
+    return sum(matches(image, text) for image, text in zip(images, captions)) / len(images)

@@ -27,18 +27,12 @@ import torch
 
 from . import models, shapes
 
-__all__ = ["MINI_TRANSFORMER", "MINI_VAE", "MINI_SCHEDULER", "TEXT_TOKENS", "train", "evaluate", "main"]
+__all__ = ["MINI_TRANSFORMER", "MINI_VAE", "MINI_SCHEDULER", "TEXT_TOKENS", "train", "evaluate", "ship", "model_card", "text_fingerprint",
+           "main"]
 
-# The transformer keeps the tiny model's widths (multiples of 256, so every backend's blocks apply)
-# with fewer blocks, and reads 4-channel latents packed 2×2 (16 features).
-MINI_TRANSFORMER = {**models.TINY_TRANSFORMER, "in_channels": 16, "num_layers": 1, "num_single_layers": 3,
-                    "guidance_embeds": False}
-# Three resolution levels: 64×64 pixels <-> 16×16 latents with 4 channels (the pipeline's vae_scale_factor is 4).
-MINI_VAE = {**models.FLUX_DEV_VAE, "down_block_types": ["DownEncoderBlock2D"] * 3,
-            "up_block_types": ["UpDecoderBlock2D"] * 3, "block_out_channels": [32, 64, 64], "layers_per_block": 1,
-            "latent_channels": 4, "sample_size": 64, "scaling_factor": 1.0, "shift_factor": 0.0}
-MINI_SCHEDULER = {**models.FLUX_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}
-TEXT_TOKENS = 32  # a caption is at most 16 words
+# The architecture is the registry's "mini" model (quantlab.models).
+MINI_TRANSFORMER, MINI_VAE, MINI_SCHEDULER = models.MINI_TRANSFORMER, models.MINI_VAE, models.MINI_SCHEDULER
+TEXT_TOKENS = 48  # the longest caption is 37 T5 tokens (14 for CLIP)
 IMAGE_SIZE = 64
 
 
@@ -70,16 +64,19 @@ class _Trainer:
         self.optimizer = torch.optim.AdamW(self.transformer.parameters(), lr=3e-4, weight_decay=0.01)
         self.vae_step = self.step = 0
         self.tiny = models.model_path("tiny", seed=0)  # its tokenizers and frozen text encoders
+        self.text_encoders = Path(self.tiny).name  # which build: a transformer trained on others must restart
         self.text_pipe = FluxPipeline.from_pretrained(self.tiny, transformer=None, vae=None, dtype=torch.float32)
         self.text_pipe.to(device)
         self.latents = self.embeds = None
+        self.pixels = _images(self.train_scenes, device)  # the data is fixed: render it once
 
     # -- checkpoints --------------------------------------------------------------------------
     def save(self) -> None:
         state = {"vae": self.vae.state_dict(), "transformer": self.transformer.state_dict(),
                  "vae_optimizer": self.vae_optimizer.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "vae_step": self.vae_step, "step": self.step, "rng": self.rng.bit_generator.state,
-                 "torch_rng": torch.get_rng_state(), "vae_config": dict(self.vae.config)}
+                 "torch_rng": torch.get_rng_state(), "vae_config": dict(self.vae.config),
+                 "text_encoders": self.text_encoders}
         partial = self.out / "checkpoint.pt.partial"
         torch.save(state, partial)
         partial.replace(self.out / "checkpoint.pt")  # a run cut off while saving keeps the previous checkpoint
@@ -92,18 +89,22 @@ class _Trainer:
         self.vae.load_state_dict(state["vae"])
         self.vae.register_to_config(scaling_factor=state["vae_config"]["scaling_factor"],
                                     shift_factor=state["vae_config"]["shift_factor"])
-        self.transformer.load_state_dict(state["transformer"])
         self.vae_optimizer.load_state_dict(state["vae_optimizer"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.vae_step, self.step = state["vae_step"], state["step"]
+        self.vae_step, self.step = state["vae_step"], 0
+        if state.get("text_encoders") == self.text_encoders:
+            self.transformer.load_state_dict(state["transformer"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = state["step"]
+        elif state["step"]:
+            print(f"the checkpoint's transformer was trained on other text encoders ({state.get('text_encoders')}, "
+                  f"not {self.text_encoders}): it starts again, the autoencoder is kept", flush=True)
         self.rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())  # map_location moved it to the training device
         return True
 
     # -- stage 1: the autoencoder -------------------------------------------------------------
     def vae_batch_loss(self) -> torch.Tensor:
-        scenes = [self.train_scenes[i] for i in self.rng.integers(0, len(self.train_scenes), self.batch)]
-        x = _images(scenes, self.device)
+        x = self.pixels[torch.from_numpy(self.rng.integers(0, len(self.train_scenes), self.batch)).to(self.device)]
         posterior = self.vae.encode(x).latent_dist
         reconstruction = self.vae.decode(posterior.sample()).sample
         return torch.nn.functional.mse_loss(reconstruction, x) + 1e-6 * posterior.kl().mean()
@@ -140,11 +141,31 @@ class _Trainer:
         noise = torch.randn_like(x0)
         sigma = torch.sigmoid(torch.randn(len(index), device=self.device))  # logit-normal, as SD3 and FLUX
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-        with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
-            velocity = self.transformer(hidden_states=xt, encoder_hidden_states=self.embeds[index],
-                                        pooled_projections=self.pooled[index], timestep=sigma,
-                                        img_ids=self.img_ids, txt_ids=self.txt_ids, return_dict=False)[0]
+        # fp32 weights and activations (TF32 matmuls on a GPU): bf16 autocast crashed cuBLAS in the first
+        # backward pass on an H100 (torch 2.11, CUDA 13), and a model this small gains little from it
+        velocity = self.transformer(hidden_states=xt, encoder_hidden_states=self.embeds[index],
+                                    pooled_projections=self.pooled[index], timestep=sigma,
+                                    img_ids=self.img_ids, txt_ids=self.txt_ids, return_dict=False)[0]
         return torch.nn.functional.mse_loss(velocity.float(), noise - x0)
+
+    @torch.no_grad()
+    def reconstruction_accuracy(self, scenes) -> float:
+        """How often the detector reads a scene back from its trip through the autoencoder."""
+        latents = self._raw_latents(scenes)
+        decoded = torch.cat([self.vae.decode(latents[i:i + 256]).sample for i in range(0, len(latents), 256)])
+        images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return shapes.prompt_accuracy(images, [shapes.caption(s) for s in scenes])
+
+    def pipeline(self):
+        """The models being trained, as a FluxPipeline (no copy): what `write_pipeline` saves and `evaluate` runs."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(MINI_SCHEDULER), vae=self.vae,
+                            text_encoder=self.text_pipe.text_encoder, tokenizer=self.text_pipe.tokenizer,
+                            text_encoder_2=self.text_pipe.text_encoder_2, tokenizer_2=self.text_pipe.tokenizer_2,
+                            transformer=self.transformer)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def learning_rate(self) -> float:
         warmup = min(500, self.steps // 10 + 1)
@@ -154,14 +175,16 @@ class _Trainer:
 
 
 def train(out: str | Path, *, minutes: float = 9.0, seed: int = 0, vae_steps: int = 4000, steps: int = 30000,
-          batch: int = 128, device: str | None = None, log_every: int = 200) -> dict:
+          batch: int = 128, device: str | None = None, log_every: int = 200, evaluate_every: int = 0) -> dict:
     """Train (or resume) for at most `minutes`; returns where training stands. See the module docstring."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     started = time.perf_counter()
     trainer = _Trainer(out, seed, device, vae_steps, steps, batch)
     resumed = trainer.resume()
+    print(f"text encoders and tokenizers: {text_fingerprint(trainer.tiny)}", flush=True)
     print(f"{'resumed at' if resumed else 'starting'}: vae step {trainer.vae_step}/{vae_steps}, "
           f"transformer step {trainer.step}/{steps}", flush=True)
     deadline = started + minutes * 60
@@ -176,9 +199,11 @@ def train(out: str | Path, *, minutes: float = 9.0, seed: int = 0, vae_steps: in
         trainer.vae_optimizer.step()
         trainer.vae_step += 1
         if trainer.vae_step % log_every == 0 or trainer.vae_step == vae_steps:
-            print(f"vae {trainer.vae_step}: loss {loss.item():.5f}", flush=True)
+            print(f"vae {trainer.vae_step}: loss {loss.item():.5f} ({time.perf_counter() - started:.0f} s)", flush=True)
         if trainer.vae_step == vae_steps:
             trainer.finish_vae()
+            print(f"vae done: the detector reads back {trainer.reconstruction_accuracy(trainer.held_out):.1%} of the "
+                  f"held-out scenes after encoding and decoding", flush=True)
     if trainer.vae_step >= vae_steps and trainer.step < steps and not out_of_time():
         trainer.prepare_stage2()
         while trainer.step < steps and not out_of_time():
@@ -191,7 +216,13 @@ def train(out: str | Path, *, minutes: float = 9.0, seed: int = 0, vae_steps: in
             trainer.optimizer.step()
             trainer.step += 1
             if trainer.step % log_every == 0 or trainer.step == steps:
-                print(f"transformer {trainer.step}: loss {loss.item():.5f}", flush=True)
+                print(f"transformer {trainer.step}: loss {loss.item():.5f} ({time.perf_counter() - started:.0f} s)",
+                      flush=True)
+            if evaluate_every and trainer.step % evaluate_every == 0 and trainer.step < steps:
+                trainer.transformer.eval()
+                accuracy = _accuracy(trainer.pipeline(), trainer.held_out, steps=20, device=device)
+                trainer.transformer.train()
+                print(f"transformer {trainer.step}: held-out prompt accuracy {accuracy:.1%}", flush=True)
     trainer.save()
     done = trainer.vae_step >= vae_steps and trainer.step >= steps
     status = {"vae_step": trainer.vae_step, "step": trainer.step, "done": done,
@@ -222,6 +253,34 @@ def write_pipeline(trainer: _Trainer, folder: Path) -> Path:
     return folder
 
 
+def text_fingerprint(folder: str | Path) -> str:
+    """A hash of a pipeline folder's tokenizers and text encoders: what the transformer learned to read."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"):
+        for file in sorted((Path(folder) / part).iterdir()):
+            if file.suffix in {".json", ".safetensors"} and file.name != "config.json":
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _generate(pipe, captions, steps: int, device: str, seed: int = 0) -> list[np.ndarray]:
+    images = []
+    for i in range(0, len(captions), 64):
+        generator = torch.Generator("cpu").manual_seed(seed + i)
+        result = pipe(captions[i:i + 64], height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps,
+                      guidance_scale=1.0, max_sequence_length=TEXT_TOKENS, generator=generator, output_type="np")
+        images += [(image * 255).round().astype(np.uint8) for image in result.images]
+    return images
+
+
+@torch.no_grad()
+def _accuracy(pipe, scenes, steps: int, device: str) -> float:
+    captions = [shapes.caption(s) for s in scenes]
+    return shapes.prompt_accuracy(_generate(pipe, captions, steps, device), captions)
+
+
 @torch.no_grad()
 def evaluate(folder: str | Path, scenes=None, steps: int = 20, device: str | None = None, seed: int = 0,
              dtype: torch.dtype = torch.float32) -> dict:
@@ -233,14 +292,78 @@ def evaluate(folder: str | Path, scenes=None, steps: int = 20, device: str | Non
     pipe.set_progress_bar_config(disable=True)
     scenes = scenes if scenes is not None else shapes.split_scenes(0.1, seed=0)[1]
     captions = [shapes.caption(s) for s in scenes]
-    images = []
-    for i in range(0, len(captions), 64):
-        batch = captions[i:i + 64]
-        generator = torch.Generator("cpu").manual_seed(seed + i)
-        result = pipe(batch, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps, guidance_scale=1.0,
-                      max_sequence_length=TEXT_TOKENS, generator=generator, output_type="np")
-        images += [(image * 255).round().astype(np.uint8) for image in result.images]
+    images = _generate(pipe, captions, steps, device, seed)
     return {"prompt_accuracy": shapes.prompt_accuracy(images, captions), "images": images, "captions": captions}
+
+
+def model_card(summary: dict) -> str:
+    """The mini model's card: data, training, measured quality and limits, from the training summary."""
+    s = summary
+    return f"""# mini FLUX: a small FLUX.1 trained on coloured shapes
+
+The course's default model on a CPU (`QUANTLAB_MODEL=mini`). It has FLUX.1's architecture and classes
+(`FluxTransformer2DModel`, `AutoencoderKL`, CLIP and T5 text encoders, `FlowMatchEulerDiscreteScheduler`),
+loads with `FluxPipeline.from_pretrained`, and draws 64×64 pictures that follow their prompts, so what
+quantization does to a picture can be seen, and counted, without a GPU or a download.
+
+## Data
+Pictures rendered by `quantlab.shapes`: one shape (circle, square, triangle) in one of six colours (red,
+green, blue, yellow, white, black), small or large, at one of five positions (the four corners and the
+center), on a plain background of another of the six colours: 3 × 6 × 2 × 5 × 5 = 900 scenes, each with
+its caption, for example "a small red circle at the top left on a blue background". 90 captions, drawn
+with seed 0 (`shapes.split_scenes`), are held out of training.
+
+## Training
+`python -m quantlab.train_mini --out DIR --seed {s['seed']} --vae-steps {s['vae_steps']} --steps {s['steps']} --batch {s['batch']}`,
+on {s.get('device', 'a GPU')}, in {s.get('train_minutes', '?')} minutes.
+1. The autoencoder (`AutoencoderKL`, three levels of 32, 64 and 64 channels, 4 latent channels:
+   64×64 pixels to 16×16 latents) trained {s['vae_steps']} steps of batch {s['batch']} on reconstruction
+   (MSE plus a 1e-6 KL term), AdamW at 1e-3. Its latents' shift and scale were then fixed in its config,
+   as FLUX's VAE has them. The detector reads back {s.get('vae_reconstruction_accuracy', float('nan')):.1%} of
+   the held-out scenes after encoding and decoding.
+2. The transformer (`FluxTransformer2DModel`: 1 double-stream and 3 single-stream blocks, width 256,
+   {s.get('transformer_parameters', 5_794_832) / 1e6:.1f} M parameters, no guidance embedding) trained {s['steps']} steps of batch {s['batch']}
+   with rectified flow, the objective FLUX uses: x_t = (1 - t)·x_0 + t·noise with t drawn logit-normal,
+   predicting noise - x_0; AdamW at 3e-4 with warm-up and cosine decay, gradients clipped at 1, in fp32.
+3. The text encoders and tokenizers are the tiny model's (`QUANTLAB_MODEL=tiny`): random weights, frozen,
+   rebuilt from seed 0 on every machine. They are not shipped; only the transformer and the autoencoder
+   are, in fp16 (`transformer/`, `vae/`, 13 MB).
+
+## Measured quality
+Prompt accuracy: the share of generated pictures in which `shapes.detect` finds the shape, colour and
+position that the caption asks for. {s['evaluate_steps']} denoising steps, guidance 1.0, seed 0, fp32.
+- held-out captions (never seen in training): **{s['prompt_accuracy']:.1%}** of {s['held_out_captions']}
+- training captions (90 of them): {s['prompt_accuracy_training_captions']:.1%}
+
+`results/10_mini_prompt_accuracy.json` has these figures with the device and versions, and the same
+measurement on a CPU in bf16, as the chapters run it.
+
+## Limits
+- It knows one sentence pattern and its 20-odd words. Any other prompt still gives a shape picture, of
+  whatever the known words in it suggest.
+- One shape per picture, 64×64 pixels, five positions: it is a measuring instrument for the course,
+  not an image generator.
+- The text encoders are random and frozen, so it says nothing about how quantizing a trained T5 behaves.
+- Its weights are small (256-wide layers), so memory and speed figures on it say nothing about FLUX.1-dev:
+  those come from the full-scale GPU runs in `results/`.
+"""
+
+
+def ship(model_folder: str | Path, summary: dict, dest: str | Path | None = None) -> Path:
+    """Copy a trained model's transformer, VAE and scheduler into the package, with its card and summary."""
+    model_folder = Path(model_folder)
+    dest = Path(dest) if dest is not None else models.TRAINED_DIR / "mini"
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for part in ("transformer", "vae", "scheduler"):
+        if (model_folder / part).is_dir():
+            shutil.copytree(model_folder / part, staging / part)
+    (staging / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (staging / "README.md").write_text(model_card(summary))
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.replace(dest)
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,13 +375,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--evaluate-steps", type=int, default=20, help="denoising steps when measuring accuracy")
+    parser.add_argument("--evaluate-every", type=int, default=0, help="also measure it every N training steps")
     args = parser.parse_args(argv)
     status = train(args.out, minutes=args.minutes, seed=args.seed, vae_steps=args.vae_steps, steps=args.steps,
-                   batch=args.batch)
+                   batch=args.batch, evaluate_every=args.evaluate_every)
     if status["done"]:
         result = evaluate(status["model"], steps=args.evaluate_steps)
+        seen = shapes.split_scenes(0.1, seed=0)[0][::9]  # as many training captions, for comparison
+        fingerprint = text_fingerprint(status["model"])
         summary = {"prompt_accuracy": result["prompt_accuracy"], "held_out_captions": len(result["captions"]),
-                   "evaluate_steps": args.evaluate_steps, "seed": args.seed, "vae_steps": args.vae_steps,
+                   "prompt_accuracy_training_captions": evaluate(status["model"], scenes=seen,
+                                                                 steps=args.evaluate_steps)["prompt_accuracy"],
+                   "text_fingerprint": fingerprint, "evaluate_steps": args.evaluate_steps, "seed": args.seed,
+                   "vae_steps": args.vae_steps,
                    "steps": args.steps, "batch": args.batch}
         (Path(status["model"]) / "quantlab.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary), flush=True)

@@ -59,7 +59,7 @@ def test_the_course_ends_with_the_comparison_table(tmp_path):
     assert "did not run" in course.comparison_summary(tmp_path)
     device = ql.env.device_info("cpu")
     rows = [ql.measure.new_row("tiny", "bf16", device, mem_after_load_gib=0.03, peak_host_rss_gib=0.4, s_per_image=0.2,
-                               weights_bytes=2**25, psnr_db=float("inf"), ssim=1.0,
+                               weights_bytes=2**25, psnr_db=float("inf"), ssim=1.0, prompt_accuracy=0.9,
                                extra={"backend": "none", "sqnr_db": float("inf")}),
             ql.measure.new_row("tiny", "quanto-int8", device, mem_after_load_gib=0.02, peak_host_rss_gib=0.5,
                                s_per_image=0.3, weights_bytes=2**24, psnr_db=41.3, ssim=0.999,
@@ -70,5 +70,6 @@ def test_the_course_ends_with_the_comparison_table(tmp_path):
     lines = text.splitlines()
     assert lines[0].startswith("Every recipe side by side (tiny, CPU")
     assert lines[2].startswith("| recipe | mem_after_load_gib | peak_mem_gib | peak_mem_kind | s_per_image |")
-    assert lines[4] == "| bf16 | 0.03 | 0.4 | host RSS | 0.2 | 0.03125 | inf | 1 | inf |"
+    assert lines[4] == "| bf16 | 0.03 | 0.4 | host RSS | 0.2 | 0.03125 | inf | 1 | inf | 0.9 |"
     assert lines[5].startswith("| quanto-int8 |") and "32.9" in lines[5] and len(lines) == 6
+    assert lines[5].endswith("|  |")  # a row without prompt accuracy leaves the column empty

@@ -22,11 +22,11 @@ FLUX_DEV_COUNTS = {
 }
 
 
-def test_registry_lists_the_four_models():
+def test_registry_lists_the_five_models():
     assert ql.list_models() == [
-        "tiny", "flux-dev-shaped", "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"
+        "tiny", "mini", "flux-dev-shaped", "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"
     ]
-    assert ql.get_model().name == "tiny"
+    assert ql.get_model().name == "mini"
 
 
 def test_unknown_model_lists_valid_names():
@@ -150,7 +150,7 @@ def test_flux_dev_shaped_on_cpu_is_refused_before_building(tmp_path):
     with pytest.raises(models.ModelUnavailableError, match="CUDA GPU"):
         models.build_embedded_model("flux-dev-shaped", tmp_path / "big", device="cpu")
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ValueError, match="Embedded models: tiny, flux-dev-shaped"):
+    with pytest.raises(ValueError, match="Embedded models: tiny, mini, flux-dev-shaped"):
         models.build_embedded_model("black-forest-labs/FLUX.1-dev", tmp_path / "x")
 
 

@@ -51,7 +51,7 @@ def test_parameters_cell_reads_the_environment(path):
     tagged = [c for c in code_cells(nb) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
     source = tagged[0].source
-    assert 'MODEL = os.environ.get("QUANTLAB_MODEL", "tiny")' in source
+    assert 'MODEL = os.environ.get("QUANTLAB_MODEL", "mini")' in source
     assigned = [n.targets[0].id for n in ast.parse(source).body if isinstance(n, ast.Assign)]
     assert assigned and all(name.isupper() for name in assigned)
     assert all(f'"QUANTLAB_{name}"' in source for name in assigned if name != "MODEL")
