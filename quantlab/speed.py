@@ -46,6 +46,9 @@ __all__ = [
     "run_speed_recipe",
     "run_vae_decode",
     "speed_table",
+    "KERNEL_KINDS",
+    "kernel_kind",
+    "profile_step",
 ]
 
 # torchao configs that quantize the activations too, so the matmuls themselves run in 8 bits.
@@ -329,14 +332,64 @@ def speed_table(results: str = "06_speed_flux-dev-shaped", pipeline_results: tup
 # --- the runner -------------------------------------------------------------------------------
 
 
+# What a kernel (on a GPU) or an operator (on a CPU) is, from its name: the first kind with a matching
+# substring wins. Inductor names each Triton kernel after the operations fused into it, which may
+# include an attention or a matmul it only feeds (`triton_poi_fused__scaled_mm_...` quantizes the
+# activations of one), so Triton kernels are filed first: templates (`triton_tem_`) are matmuls, the
+# rest fused elementwise work. Then attention, since some attention kernels have "gemm" in their names.
+KERNEL_KINDS = (
+    ("matmul", ("triton_tem_",)),
+    ("fused by inductor", ("triton_",)),
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "scaled_dot_product")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "scaled_mm", "matmul", "aten::mm", "aten::addmm", "aten::bmm",
+                "aten::linear", "wgmma")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """'attention', 'matmul', 'fused by inductor' or 'other', for a kernel or operator name."""
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
+
+
+def profile_step(step, steps: int = 3, device: str = "cuda", top: int = 12) -> dict[str, Any]:
+    """Where the time of `step()` goes: milliseconds per call by kernel kind, and the top kernels.
+
+    Runs `step` `steps` times under `torch.profiler` and adds up each kernel's own device time (on a
+    CPU, each operator's own CPU time, whose kinds overlap less cleanly). Call it after warming up,
+    so that compiling is not in the profile.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        measure.synchronize(device)
+    wanted = DeviceType.CUDA if cuda else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == wanted]
+    own_us = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) for e in events}
+    by_kind: dict[str, float] = {}
+    for name, us in own_us.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + us / 1000 / steps
+    ranked = sorted(own_us.items(), key=lambda item: -item[1])[:top]
+    return {"ms_per_step_by_kind": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
+            "profiled_ms_per_step": sum(by_kind.values()), "steps": steps,
+            "top_kernels": [{"name": name[:160], "kind": kernel_kind(name), "ms_per_step": us / 1000 / steps}
+                            for name, us in ranked]}
+
+
 def run_speed_recipe(name: str, model: str = "flux-dev-shaped", *, height: int = 1024, width: int = 1024,
                      text_tokens: int = 512, warmup: int = 2, repeats: int = 10, reference: str | None = None,
-                     device: str | None = None, seed: int = 0) -> measure.Measurement:
+                     device: str | None = None, seed: int = 0, profile: bool = False) -> measure.Measurement:
     """Time one speed recipe on `model`'s transformer alone: compile time, then the median forward pass.
 
     The transformer gets the same seeded random weights as the embedded model's folder. With
     `reference` (a .pt file), the output is compared with the one saved there (SQNR in dB); a
-    bf16 eager run saves its output there when the file does not exist yet.
+    bf16 eager run saves its output there when the file does not exist yet. With `profile=True`,
+    `extra["profile"]` says where the time of a step goes (`profile_step`).
     """
     from diffusers.models.attention_dispatch import attention_backend
 
@@ -347,12 +400,12 @@ def run_speed_recipe(name: str, model: str = "flux-dev-shaped", *, height: int =
     # this restores it afterwards, so the next recipe in the process starts from PyTorch's own choice
     with attention_backend("native"):
         return _time_speed_recipe(recipe, model, info, height, width, text_tokens, warmup, repeats, reference,
-                                  device, seed)
+                                  device, seed, profile)
 
 
 def _time_speed_recipe(recipe: SpeedRecipe, model: str, info: env.DeviceInfo, height: int, width: int,
                        text_tokens: int, warmup: int, repeats: int, reference: str | None, device: str,
-                       seed: int) -> measure.Measurement:
+                       seed: int, profile: bool = False) -> measure.Measurement:
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # each recipe compiles from nothing, and counts only its own graphs
@@ -384,6 +437,9 @@ def _time_speed_recipe(recipe: SpeedRecipe, model: str, info: env.DeviceInfo, he
         "floor_fp8_linears_ms": floor_ms_per_step(tflop, info.name, fp8_linears=True),
         "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
     }
+    if profile:
+        with torch.no_grad():
+            extra["profile"] = profile_step(lambda: transformer(**inputs), device=device)
     if reference:
         output = output.float().cpu()
         if not Path(reference).exists() and recipe.name == "bf16":
@@ -443,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--reference", help="a .pt file: the bf16 eager output, saved by the first bf16 run")
     parser.add_argument("--out", required=True, help="a .json file; rows already in it are kept")
+    parser.add_argument("--profile", action="store_true", help="also profile 3 steps: time by kernel kind")
     args = parser.parse_args(argv)
     out = Path(args.out)
     rows = [asdict(r) for r in measure.load_rows(out)] if out.exists() else []
@@ -454,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                                      repeats=args.repeats)
             else:
                 row = run_speed_recipe(name, args.model, height=args.height, width=args.width, warmup=args.warmup,
-                                       repeats=args.repeats, reference=args.reference)
+                                       repeats=args.repeats, reference=args.reference, profile=args.profile)
         except Exception as error:  # keep the rows already measured, and say why this one failed
             print(f"{name}: failed: {type(error).__name__}: {str(error).strip()[:400]}", flush=True)
             continue
@@ -468,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {row.ms_per_step or 0:.1f} ms/step, s/image {row.s_per_image}, first call "
               f"{extra['first_call_s']:.1f} s, compile {extra.get('compile_s')}, peak {row.peak_gpu_mem_gib}, "
               f"sqnr {extra.get('sqnr_db')}", flush=True)
+        if "profile" in extra:
+            print(f"{name}: profile, ms per step: " + ", ".join(
+                f"{kind} {ms:.1f}" for kind, ms in extra["profile"]["ms_per_step_by_kind"].items()), flush=True)
     return 0
 
 

@@ -146,3 +146,32 @@ def test_the_runner_times_a_recipe_and_compares_it_with_bf16(tmp_path):
 def test_vae_variants_are_named():
     with pytest.raises(ValueError, match="vae-decode"):
         speed.run_vae_decode("vae-decode+fp8", "tiny")
+
+
+def test_kernel_kinds_name_gpu_kernels_and_cpu_operators():
+    assert speed.kernel_kind("flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>") == "attention"
+    assert speed.kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3") == "attention"
+    assert speed.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert speed.kernel_kind("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert speed.kernel_kind("triton_poi_fused__to_copy_add_mul_0") == "fused by inductor"
+    # named after what it feeds, but it is elementwise work: the activations' fp8 scaling, or RMSNorm and RoPE
+    assert speed.kernel_kind("triton_poi_fused__scaled_mm__to_copy_clamp_div_gelu_t_view_27") == "fused by inductor"
+    assert speed.kernel_kind("triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention_") == \
+        "fused by inductor"
+    assert speed.kernel_kind("triton_tem_fused_addmm_0") == "matmul"
+    assert speed.kernel_kind("aten::addmm") == "matmul" and speed.kernel_kind("aten::copy_") == "other"
+
+
+def test_profile_step_says_where_the_time_goes():
+    linear, q = torch.nn.Linear(256, 256), torch.randn(1, 4, 256, 64)
+
+    def step():
+        with torch.no_grad():
+            linear(torch.randn(2048, 256))
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    profile = speed.profile_step(step, steps=2, device="cpu", top=5)
+    by_kind = profile["ms_per_step_by_kind"]
+    assert {"matmul", "attention"} <= set(by_kind) and all(ms > 0 for ms in by_kind.values())
+    assert profile["profiled_ms_per_step"] == pytest.approx(sum(by_kind.values()))
+    assert len(profile["top_kernels"]) <= 5 and {k["kind"] for k in profile["top_kernels"]} >= {"matmul", "attention"}
