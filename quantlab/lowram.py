@@ -332,19 +332,6 @@ def check_colab_recipe(recipe: str | ColabRecipe, device: str = "cuda", dtype: t
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_status_kib(*keys: str) -> dict[str, int]:
-    values = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key = line.split(":", 1)[0]
-                if key in keys:
-                    values[key] = int(line.split()[1])
-    except OSError:
-        pass
-    return values
-
-
 class HostMemorySampler:
     """Peak host memory of this process, per stage: VmRSS and RssAnon read every `interval_s` by a thread.
 
@@ -365,11 +352,11 @@ class HostMemorySampler:
     @property
     def available(self) -> bool:
         """Whether this system reports VmRSS and RssAnon."""
-        return len(_read_status_kib("VmRSS", "RssAnon")) == 2
+        return len(measure.read_status_kib("VmRSS", "RssAnon")) == 2
 
     def sample(self) -> tuple[int, int] | None:
         """Read VmRSS and RssAnon now (KiB) and fold them into the current stage's peaks."""
-        values = _read_status_kib("VmRSS", "RssAnon")
+        values = measure.read_status_kib("VmRSS", "RssAnon")
         if len(values) < 2:
             return None
         rss, anon = values["VmRSS"], values["RssAnon"]
@@ -385,11 +372,7 @@ class HostMemorySampler:
     def __enter__(self) -> HostMemorySampler:
         if not self.available:
             raise RuntimeError("HostMemorySampler reads /proc/self/status (VmRSS, RssAnon), which this system lacks.")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # restart VmHWM, so that it covers this block only
-        except OSError:
-            pass
+        measure.reset_peak_host_rss()  # restart VmHWM, so that it covers this block only
         self.sample()
         self._thread = threading.Thread(target=self._run, daemon=True, name="host-memory-sampler")
         self._thread.start()
@@ -400,7 +383,7 @@ class HostMemorySampler:
         if self._thread is not None:
             self._thread.join()
         self.sample()
-        hwm = _read_status_kib("VmHWM").get("VmHWM")
+        hwm = measure.read_status_kib("VmHWM").get("VmHWM")
         self.hwm_gib = None if hwm is None else hwm * 1024 / GIB
 
     def peaks_gib(self, stage: str | None = None) -> tuple[float, float]:

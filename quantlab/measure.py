@@ -61,6 +61,8 @@ __all__ = [
     "record",
     "PromptAccuracy",
     "prompt_accuracy",
+    "read_status_kib",
+    "reset_peak_host_rss",
 ]
 
 GIB = 1024**3
@@ -223,15 +225,28 @@ class PeakHostRSS:
     method: str = ""
 
 
-def _read_status_kib(key: str) -> int | None:
+def read_status_kib(*keys: str) -> dict[str, int]:
+    """The named fields of /proc/self/status (VmRSS, RssAnon, VmHWM, ...) in KiB; those it lacks are left out."""
+    values = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
+                key = line.split(":", 1)[0]
+                if key in keys:
+                    values[key] = int(line.split()[1])
     except OSError:
-        return None
-    return None
+        pass
+    return values
+
+
+def reset_peak_host_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM) from the current RSS; False where the system cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return "VmHWM" in read_status_kib("VmHWM")
 
 
 @contextlib.contextmanager
@@ -243,15 +258,9 @@ def track_peak_host_rss(sample_interval_s: float = 0.005) -> Iterator[PeakHostRS
     """
     result = PeakHostRSS()
     gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        exact = _read_status_kib("VmHWM") is not None
-    except OSError:
-        exact = False
-    if exact:
+    if reset_peak_host_rss():
         yield result
-        result.gib = _read_status_kib("VmHWM") * 1024 / GIB
+        result.gib = read_status_kib("VmHWM")["VmHWM"] * 1024 / GIB
         result.method = "VmHWM (kernel peak, reset by /proc/self/clear_refs)"
         return
 

@@ -170,10 +170,6 @@ TINY_T5 = {
     "num_heads": 4,
 }
 
-# The locally trained tokenizers have at most this many tokens; the embedding tables of the
-# full-scale model keep their real (larger) size, so every token id is valid for both.
-TOKENIZER_VOCAB_SIZE = 1024
-
 # The mini model (trained by quantlab.train_mini): the tiny model's widths (multiples of 256, so every
 # backend's blocks apply) with fewer blocks, reading 4-channel latents packed 2×2 (16 features); an
 # autoencoder with three resolution levels, 64×64 pixels <-> 16×16×4 latents; no guidance embedding and
@@ -185,7 +181,11 @@ MINI_VAE = {**FLUX_DEV_VAE, "down_block_types": ["DownEncoderBlock2D"] * 3,
             "latent_channels": 4, "sample_size": 64, "scaling_factor": 1.0, "shift_factor": 0.0}
 MINI_SCHEDULER = {**FLUX_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}
 TRAINED_DIR = Path(__file__).parent / "data"
-TOKENIZERS_DIR = TRAINED_DIR / "tokenizers"  # made once by _build_tokenizers(1024, 1024, 77, 512)
+# The embedded models' tokenizers: a byte-level BPE CLIPTokenizer and a Unigram T5TokenizerFast of 1024
+# tokens each, trained once with the tokenizers library on a small corpus of prompts (the code that did
+# it is models._build_tokenizers in git history, up to commit aa011ce). The embedding tables of the
+# full-scale models keep their real, larger size, so every token id is valid for all of them.
+TOKENIZERS_DIR = TRAINED_DIR / "tokenizers"
 
 # Bump when the embedded build changes, so that old caches are not reused. Version 2 builds the models
 # that fit a CPU on the CPU everywhere, so that their random weights are the same on every machine;
@@ -357,85 +357,6 @@ def component_sizes_gib(model: str | None = None, bits_per_weight: float = 16) -
 def linear_layers(module: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """Every `nn.Linear` inside `module`, by qualified name."""
     return {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizers, trained locally on a small embedded corpus so that nothing is downloaded.
-# ---------------------------------------------------------------------------------------------
-
-_CORPUS = """
-a photo of a cat sitting on a red chair in a sunny room
-a small red circle at the top left on a blue background
-a large green square in the middle on a white background
-a yellow triangle at the bottom right on a black background
-Baroque style, a lavish palace interior with ornate gilded ceilings, intricate tapestries,
-and dramatic lighting over a grand staircase.
-Futurist style, a dynamic spaceport with sleek silver starships docked at angular platforms,
-surrounded by distant planets and glowing energy lines.
-Noir style, a shadowy alleyway with flickering street lamps and a solitary trench-coated figure,
-framed by rain-soaked cobblestones and darkened storefronts.
-an astronaut riding a horse on the moon, digital art, highly detailed
-a watercolor painting of a lighthouse by the sea at sunset
-a bowl of fruit on a wooden table, oil painting, soft light
-a city skyline at night with neon signs and reflections in the rain
-a portrait of an old man with a beard, black and white photograph
-a mountain lake surrounded by pine trees in autumn, morning fog
-one two three four five six seven eight nine ten
-red orange yellow green blue purple pink brown grey white black
-circle square triangle star heart cross ring dot line
-top bottom left right middle center corner above below next to behind in front of
-"""
-
-
-def _corpus_lines() -> list[str]:
-    lines = [line.strip() for line in _CORPUS.strip().splitlines() if line.strip()]
-    return lines * 4
-
-
-def _build_tokenizers(clip_vocab_size: int, t5_vocab_size: int, clip_max_length: int, t5_max_length: int):
-    """A byte-level BPE CLIPTokenizer and a Unigram T5TokenizerFast, trained on the embedded corpus.
-
-    This is how the tokenizers in TOKENIZERS_DIR were made. Builds copy those files instead of calling
-    it, because the trainers break ties differently from one machine (and thread count) to the next.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer, T5TokenizerFast
-
-    reference = CLIPTokenizer()._tokenizer  # CLIP's own normalizer and pre-tokenizer
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.normalizer = reference.normalizer
-    bpe.pre_tokenizer = reference.pre_tokenizer
-    bpe.train_from_iterator(
-        _corpus_lines(),
-        trainers.BpeTrainer(
-            vocab_size=clip_vocab_size,
-            end_of_word_suffix="</w>",
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            special_tokens=["<|startoftext|>", "<|endoftext|>"],
-            show_progress=False,
-        ),
-    )
-    bpe_model = json.loads(bpe.to_str())["model"]
-    clip_tokenizer = CLIPTokenizer(
-        vocab=bpe_model["vocab"],
-        merges=[tuple(m) for m in bpe_model["merges"]],
-        model_max_length=clip_max_length,
-    )
-
-    unigram = Tokenizer(models.Unigram())
-    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
-    unigram.train_from_iterator(
-        _corpus_lines(),
-        trainers.UnigramTrainer(
-            vocab_size=t5_vocab_size,
-            special_tokens=["<pad>", "</s>", "<unk>"],
-            unk_token="<unk>",
-            show_progress=False,
-        ),
-    )
-    pieces = [tuple(p) for p in json.loads(unigram.to_str())["model"]["vocab"]]
-    t5_tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=t5_max_length)
-    return clip_tokenizer, t5_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 
 from .measure import require_columns
 
-__all__ = ["image_grid", "side_by_side", "bar_chart", "memory_time_bars", "memory_time_scatter", "tradeoff_scatter",
+__all__ = ["image_grid", "prompt_accuracy_grid", "side_by_side", "bar_chart", "memory_time_bars", "memory_time_scatter", "tradeoff_scatter",
            "histogram", "byte_layout", "png_bytes", "ImageFlipper", "image_flipper", "SortableTable"]
 
 
@@ -39,6 +39,27 @@ def image_grid(images: Sequence, captions: Sequence[str] | None = None, ncols: i
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def prompt_accuracy_grid(results, n: int = 4, title: str | None = None, cell_inches: float = 1.6):
+    """The first `n` shape pictures of each `measure.PromptAccuracy` in `results` ({label: result}), one row each.
+
+    Every picture is titled with its row's label and "match" or "MISS" (`shapes.matches`); the captions,
+    the same for every row, are printed, one line per column.
+    """
+    from . import shapes
+
+    if not results:
+        raise ValueError("prompt_accuracy_grid needs at least one result.")
+    captions = next(iter(results.values())).captions
+    shown = range(min(n, len(captions)))
+    for i in shown:
+        print(f"column {i + 1}: {captions[i]}")
+    return image_grid(
+        [result.images[i] for result in results.values() for i in shown],
+        [f"{label}: {'match' if shapes.matches(result.images[i], result.captions[i]) else 'MISS'}"
+         for label, result in results.items() for i in shown],
+        ncols=len(shown), cell_inches=cell_inches, title=title)
 
 
 def side_by_side(left, right, left_caption: str = "reference", right_caption: str = "quantized",
