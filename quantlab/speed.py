@@ -1,9 +1,10 @@
 """Speed: what makes one FLUX transformer step fast, measured against the compute floor.
 
-A speed recipe is a `+`-joined name: the weights first (`bf16`, or a torchao dynamic-activation
-config), then any of `fused-qkv`, `attn-<backend>`, `compile[-regional][-<mode>]` and
-`vae-channels-last`, which are always applied in that order. For example
-`float8dq-tensor+fused-qkv+attn-cudnn+compile-regional-max-autotune-no-cudagraphs`.
+A speed recipe is a `+`-joined name: the weights first (`bf16`, or a torchao config that quantizes
+the activations too), then any of `fused-qkv`, `attn-<backend>`, `compile[-regional][-<mode>]`, `inductor-flags`, `cuda-graph`
+and `vae-channels-last`, which are always applied in that order. For example
+`float8dq-row+fused-qkv+attn-cudnn+compile-regional+cuda-graph`. `attn-fa3` and `attn-fa3-fp8` run
+attention through FlashAttention-3 (`FlashAttention3Processor`, Hopper GPUs, the fa3-fwd package).
 `apply_speed_recipe` applies one to a pipeline (or a bare transformer) with the real diffusers,
 torchao and torch calls; `make_fast` applies the fastest measured recipe that runs here.
 `python -m quantlab.speed` times recipes on a transformer alone: one denoising step is one
@@ -14,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
+from importlib import metadata
 import os
 import sys
+import functools
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,9 +33,15 @@ from .recipes import UnsupportedHardwareError
 
 __all__ = [
     "SpeedRecipe",
+    "CudaGraphForward",
+    "FlashAttention3Processor",
+    "FA3_ATTENTION",
+    "FA3_REQUIREMENT",
+    "SPEED_RESULTS",
     "QUANTIZATIONS",
     "ATTENTION_BACKENDS",
     "COMPILE_MODES",
+    "INDUCTOR_FLAGS",
     "PEAK_DENSE_TFLOPS",
     "parse_speed_recipe",
     "check_speed_recipe",
@@ -44,16 +54,21 @@ __all__ = [
     "amortized_s_per_image",
     "break_even_images",
     "run_speed_recipe",
+    "run_speed_pipeline",
     "run_vae_decode",
+    "attention_fn",
+    "run_attention",
     "speed_table",
     "KERNEL_KINDS",
     "kernel_kind",
     "profile_step",
 ]
 
-# torchao configs that quantize the activations too, so the matmuls themselves run in 8 bits.
-QUANTIZATIONS = ("float8dq-row", "float8dq-tensor", "int8dq")
-_FP8 = ("float8dq-row", "float8dq-tensor")
+# torchao configs that quantize the activations too, so the matmuls themselves run in 8 bits. The `dq` ones
+# find each activation's scale while running (dynamic); `float8static-tensor` uses one scale per Linear,
+# observed once on calibration inputs (torchao's Float8StaticActivationFloat8WeightConfig, prepare then convert).
+QUANTIZATIONS = ("float8dq-row", "float8dq-tensor", "float8static-tensor", "int8dq")
+_FP8 = ("float8dq-row", "float8dq-tensor", "float8static-tensor")
 
 # Our short names for diffusers' attention backends that come with PyTorch (no extra package).
 ATTENTION_BACKENDS = {
@@ -66,8 +81,23 @@ ATTENTION_BACKENDS = {
 _CUDA_ONLY_ATTENTION = ("flash", "cudnn", "efficient")
 _AMPERE_ATTENTION = ("flash", "cudnn")  # these two kernels need compute capability 8.0+
 
+# Attention through FlashAttention-3, which PyTorch does not ship: `fa3` in bf16, `fa3-fp8` on q, k and v cast to
+# float8 e4m3 (as the PyTorch team's flux-fast does). FA3 is written for Hopper (compute capability 9.0). Its
+# forward-only wheel on PyPI is the extra `hopper` in pyproject.toml, where this pin is set too.
+FA3_ATTENTION = ("fa3", "fa3-fp8")
+FA3_REQUIREMENT = "fa3-fwd==0.0.3"
+
 # torch.compile modes; "default" passes no mode. The last two capture CUDA graphs.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+
+# The inductor settings of the PyTorch team's flux-fast recipe: tune each generated kernel's launch
+# configuration by coordinate descent (slower compiles), and leave matmul epilogues to cuBLAS.
+INDUCTOR_FLAGS = {
+    "conv_1x1_as_mm": True,
+    "epilogue_fusion": False,
+    "coordinate_descent_tuning": True,
+    "coordinate_descent_check_all_directions": True,
+}
 
 # Dense tensor-core peak of each GPU the course meets, in TFLOP/s (NVIDIA datasheets, without sparsity).
 PEAK_DENSE_TFLOPS = {
@@ -91,6 +121,8 @@ class SpeedRecipe:
     attention: str | None = None  # a key of ATTENTION_BACKENDS
     compile_mode: str | None = None  # one of COMPILE_MODES, None for eager
     regional: bool = False  # compile_repeated_blocks() rather than the whole transformer
+    inductor_flags: bool = False  # INDUCTOR_FLAGS, set process-wide before compiling
+    cuda_graph: bool = False  # record the transformer's forward pass once and replay it (CudaGraphForward)
     vae_channels_last: bool = False
 
     @property
@@ -110,9 +142,13 @@ def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
     for step in steps:
         if step == "fused-qkv":
             recipe = replace(recipe, fuse_qkv=True)
+        elif step == "cuda-graph":
+            recipe = replace(recipe, cuda_graph=True)
+        elif step == "inductor-flags":
+            recipe = replace(recipe, inductor_flags=True)
         elif step == "vae-channels-last":
             recipe = replace(recipe, vae_channels_last=True)
-        elif step.startswith("attn-") and step[5:] in ATTENTION_BACKENDS:
+        elif step.startswith("attn-") and (step[5:] in ATTENTION_BACKENDS or step[5:] in FA3_ATTENTION):
             recipe = replace(recipe, attention=step[5:])
         elif step == "compile" or step.startswith("compile-"):
             rest = step[len("compile"):].lstrip("-")
@@ -124,14 +160,27 @@ def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
         else:
             raise ValueError(
                 f"Unknown step {step!r} in speed recipe {name!r}. Steps: fused-qkv, "
-                f"attn-{{{','.join(ATTENTION_BACKENDS)}}}, compile[-regional][-{{{','.join(COMPILE_MODES)}}}], "
-                "vae-channels-last."
+                f"attn-{{{','.join((*ATTENTION_BACKENDS, *FA3_ATTENTION))}}}, compile[-regional][-{{{','.join(COMPILE_MODES)}}}], "
+                "inductor-flags, cuda-graph, vae-channels-last."
             )
+    if recipe.inductor_flags and not recipe.compile_mode:
+        raise ValueError(f"Speed recipe {name!r}: inductor-flags set how torch.compile compiles; add a compile step.")
+    if recipe.cuda_graph and recipe.compile_mode and not recipe.regional:
+        raise ValueError(
+            f"Speed recipe {name!r}: cuda-graph records the transformer's forward pass, which a whole-model "
+            "compile replaces with its own. Instead: compile-regional+cuda-graph, or compile-reduce-overhead, "
+            "with which torch.compile records CUDA graphs itself."
+        )
     return recipe
 
 
-def check_speed_recipe(recipe: str | SpeedRecipe, device: env.DeviceInfo | None = None) -> SpeedRecipe:
-    """Raise `UnsupportedHardwareError` if `recipe` cannot run on `device`; changes nothing."""
+def check_speed_recipe(recipe: str | SpeedRecipe, device: env.DeviceInfo | None = None,
+                       packages: bool = True) -> SpeedRecipe:
+    """Raise `UnsupportedHardwareError` if `recipe` cannot run on `device`; changes nothing.
+
+    With `packages` (the default), a package that a step needs beyond the course's pins (FA3) must be
+    installed here too; `packages=False` asks about the hardware alone, for a GPU described, not present.
+    """
     recipe = parse_speed_recipe(recipe)
     device = device or env.device_info()
     if recipe.fp8 and not device.fp8:
@@ -141,12 +190,30 @@ def check_speed_recipe(recipe: str | SpeedRecipe, device: env.DeviceInfo | None 
             "(fp16 on a T4) with fused-qkv and compile-regional; `ql.speed.fastest_recipe()` picks the "
             "fastest measured one that runs here."
         )
+    if recipe.cuda_graph and device.kind != "cuda":
+        raise UnsupportedHardwareError(
+            f"Speed recipe {recipe.name!r}: a CUDA graph records CUDA kernels, and this device is {device.label}. "
+            "Instead: leave out cuda-graph; on a CPU, compile-regional is the step that pays."
+        )
     if recipe.attention in _CUDA_ONLY_ATTENTION and device.kind != "cuda":
         raise UnsupportedHardwareError(
             f"Speed recipe {recipe.name!r}: the {recipe.attention} attention kernel is a CUDA kernel, and this "
             f"device is {device.label}. Instead: attn-native, which lets PyTorch pick a CPU kernel."
         )
     cc = device.compute_capability
+    if recipe.attention in FA3_ATTENTION:
+        if device.kind != "cuda" or cc is None or cc[0] != 9:
+            raise UnsupportedHardwareError(
+                f"Speed recipe {recipe.name!r}: FlashAttention-3 is written for Hopper GPUs (compute capability 9.0: "
+                f"H100, H200), and this device is {device.label}. Instead: attn-cudnn on a GPU of compute "
+                "capability 8.0+, attn-native elsewhere."
+            )
+        if packages and importlib.util.find_spec("fa3_fwd_interface") is None:
+            raise UnsupportedHardwareError(
+                f"Speed recipe {recipe.name!r} needs FlashAttention-3, which is not installed here. Install its "
+                f"forward-only build with `pip install {FA3_REQUIREMENT}` (a CUDA 13 wheel for torch 2.10+; or "
+                "`pip install -e .[hopper]`), or use attn-cudnn, PyTorch's own fastest kernel on Hopper."
+            )
     if recipe.attention in _AMPERE_ATTENTION and cc is not None and cc < (8, 0):
         raise UnsupportedHardwareError(
             f"Speed recipe {recipe.name!r}: the {recipe.attention} attention kernel needs compute capability 8.0+, "
@@ -155,7 +222,7 @@ def check_speed_recipe(recipe: str | SpeedRecipe, device: env.DeviceInfo | None 
     return recipe
 
 
-def _quantization_config(name: str):
+def _quantization_config(name: str, step: str | None = None):
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Int8DynamicActivationInt8WeightConfig,
@@ -165,35 +232,188 @@ def _quantization_config(name: str):
 
     if name == "int8dq":
         return Int8DynamicActivationInt8WeightConfig()
+    if name == "float8static-tensor":
+        from torchao.quantization import Float8StaticActivationFloat8WeightConfig
+
+        return Float8StaticActivationFloat8WeightConfig(step=step)
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow() if name == "float8dq-row" else PerTensor())
 
 
-def apply_speed_recipe(pipe, recipe: str | SpeedRecipe, device: env.DeviceInfo | None = None):
+# What static fp8 observes when `apply_speed_recipe` is given a whole pipeline and no `calibrate`: one short
+# generation, so that the observers see the activations of several denoising steps.
+CALIBRATION_PROMPT = "a photo of a cat sitting on a red chair in a sunny room"
+CALIBRATION_STEPS = 4
+# ...and when the runner times a transformer alone: random inputs (other seeds than the timed ones) at these timesteps.
+CALIBRATION_TIMESTEPS = (0.9, 0.5, 0.1)
+
+
+def apply_speed_recipe(pipe, recipe: str | SpeedRecipe, device: env.DeviceInfo | None = None,
+                       calibrate: Callable[[], Any] | None = None):
     """Apply `recipe` to a FluxPipeline, or to a bare FluxTransformer2DModel, in place; returns it.
 
-    The hardware checks happen first, so a recipe this device cannot run changes nothing.
+    The hardware checks happen first, so a recipe this device cannot run changes nothing. A
+    `float8static-tensor` recipe runs `calibrate()` between torchao's prepare and convert steps, so
+    that each Linear's observer sees representative activations; for a pipeline it defaults to one
+    generation of `CALIBRATION_STEPS` steps, and a bare transformer needs one.
     """
     recipe = check_speed_recipe(recipe, device or env.device_info(_module_device(pipe)))
     transformer = getattr(pipe, "transformer", pipe)
     if recipe.vae_channels_last and not hasattr(pipe, "vae"):
         raise ValueError(f"Speed recipe {recipe.name!r} changes the VAE; pass the whole pipeline, not a transformer.")
+    static = recipe.quantization == "float8static-tensor"
+    if static and calibrate is None:
+        if transformer is pipe:
+            raise ValueError(f"Speed recipe {recipe.name!r} observes each activation's range before it quantizes: "
+                             "pass calibrate=, a function that runs the transformer on representative inputs.")
+        calibrate = functools.partial(pipe, CALIBRATION_PROMPT, num_inference_steps=CALIBRATION_STEPS,
+                                      output_type="latent")
     if recipe.fuse_qkv:  # before quantizing, so that the fused Linear is the one quantized
         transformer.fuse_qkv_projections()
+    if recipe.attention in FA3_ATTENTION:  # before calibrating, so that the observers see what will run
+        transformer.set_attn_processor(FlashAttention3Processor(fp8=recipe.attention == "fa3-fp8"))
+    elif recipe.attention:
+        transformer.set_attention_backend(ATTENTION_BACKENDS[recipe.attention])
     if recipe.quantization:
         from torchao.quantization import quantize_
 
-        quantize_(transformer, _quantization_config(recipe.quantization))
-    if recipe.attention:
-        transformer.set_attention_backend(ATTENTION_BACKENDS[recipe.attention])
+        if static:  # observers on every Linear that runs, one pass over the calibration inputs, then fp8
+            from torchao.quantization.utils import recommended_inductor_config_setter
+
+            recommended_inductor_config_setter()  # what torchao's dynamic fp8 config does: the same compile settings
+            unused = _unused_projections(transformer)  # an observer that never saw an input has no range
+            used = lambda module, name: isinstance(module, torch.nn.Linear) and name not in unused  # noqa: E731
+            quantize_(transformer, _quantization_config(recipe.quantization, step="prepare"), filter_fn=used)
+            with torch.no_grad():
+                calibrate()
+            quantize_(transformer, _quantization_config(recipe.quantization, step="convert"),
+                      filter_fn=lambda module, name: hasattr(module, "input_act_obs"))  # the observed ones
+        else:
+            quantize_(transformer, _quantization_config(recipe.quantization))
+    if recipe.inductor_flags:  # process-wide, like the flags in flux-fast; run_speed_recipe puts them back
+        import torch._inductor.config as inductor_config
+
+        for flag, value in INDUCTOR_FLAGS.items():
+            setattr(inductor_config, flag, value)
     if recipe.compile_mode:
         options = {"fullgraph": True, "mode": None if recipe.compile_mode == "default" else recipe.compile_mode}
         if recipe.regional:
             transformer.compile_repeated_blocks(**options)
         else:
             transformer.compile(**options)
+    if recipe.cuda_graph:
+        transformer.forward = CudaGraphForward(transformer.forward)
     if recipe.vae_channels_last:
         pipe.vae.to(memory_format=torch.channels_last)
     return pipe
+
+
+class CudaGraphForward:
+    """A module's `forward`, recorded as one CUDA graph per input shape and replayed after that.
+
+    Once a step's kernels are fast, launching them costs time too: Python, dynamo's guards and
+    torchao's tensor subclasses run on the CPU for each of the thousands of kernels in a FLUX step,
+    and the GPU waits in between. A CUDA graph records every kernel of one call; `replay()` launches
+    them all at once. The price: each new input shape records a new graph, the inputs are copied into
+    the recorded tensors, nothing inside may wait for the GPU (no `.item()`), the recorded
+    activations stay allocated, and it is for inference only (it records under `torch.no_grad()`).
+    Install it with `transformer.forward = CudaGraphForward(transformer.forward)`.
+    """
+
+    def __init__(self, forward, warmup: int = 2):
+        self.forward = forward  # the original forward, eager or with compiled blocks inside
+        self.warmup = warmup
+        self.graphs: dict[Any, tuple[torch.cuda.CUDAGraph, list, Any]] = {}
+
+    def __call__(self, *args, **kwargs):
+        from torch.utils._pytree import tree_flatten, tree_map
+
+        leaves, spec = tree_flatten((args, kwargs))
+        key = (str(spec), tuple((tuple(x.shape), x.dtype, str(x.device)) if isinstance(x, torch.Tensor) else repr(x)
+                                for x in leaves))
+        if key not in self.graphs:
+            self.graphs[key] = self._record(leaves, spec)
+        graph, static_leaves, static_output = self.graphs[key]
+        for static, value in zip(static_leaves, leaves):
+            if isinstance(static, torch.Tensor):
+                static.copy_(value)
+        graph.replay()
+        # the next replay overwrites the recorded output: hand out a copy
+        return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, static_output)
+
+    def _record(self, leaves: list, spec):
+        from torch.utils._pytree import tree_unflatten
+
+        static_leaves = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+        args, kwargs = tree_unflatten(static_leaves, spec)
+        with torch.no_grad():
+            # warm up on a side stream (compiling, cuBLAS and cuDNN plans, lazy allocations), then record
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.forward(*args, **kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = self.forward(*args, **kwargs)
+        return graph, static_leaves, output
+
+
+class FlashAttention3Processor:
+    """diffusers' FLUX attention processor, with the attention itself computed by FlashAttention-3.
+
+    Everything before and after the attention call is what diffusers' `FluxAttnProcessor` does, step
+    for step (tests/test_speed.py checks the outputs match): the (fused) QKV projections, RMSNorm on q and k, the text and image streams joined, RoPE, the output projections.
+    With `fp8=True`, q, k and v are cast to float8 e4m3 first, without scales, as flux-fast does: after
+    the RMSNorm, q and k sit far inside e4m3's ±448, and so did v in every FLUX run of this course.
+    FA3 then runs both attention matmuls in fp8 on Hopper's tensor cores (twice the bf16 rate) and
+    returns bf16. Install it on every attention layer with
+    `transformer.set_attn_processor(FlashAttention3Processor(fp8=True))`.
+    """
+
+    _attention_backend = None  # diffusers' set_attention_backend() sets these on every processor;
+    _parallel_config = None  # this one always calls FA3, and runs on one GPU
+
+    def __init__(self, fp8: bool = False):
+        self.fp8 = fp8
+
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Attention over (batch, tokens, heads, head_dim) tensors, returned in the same layout."""
+        from fa3_fwd_interface import flash_attn_func
+
+        if self.fp8:
+            query, key, value = (x.to(torch.float8_e4m3fn) for x in (query, key, value))
+        return flash_attn_func(query, key, value)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        if attention_mask is not None:
+            raise ValueError("FlashAttention3Processor takes no attention mask; FLUX.1 passes none.")
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:  # a double-stream block: the text stream goes first
+            encoder_query, encoder_key, encoder_value = (
+                x.unflatten(-1, (-1, attn.head_dim)) for x in (encoder_query, encoder_key, encoder_value))
+            encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        hidden_states = self.attention(query, key, value).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states
+        text_tokens = encoder_hidden_states.shape[1]
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [text_tokens, hidden_states.shape[1] - text_tokens], dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
 
 
 def _module_device(pipe) -> str:
@@ -201,20 +421,27 @@ def _module_device(pipe) -> str:
     return next(module.parameters()).device.type
 
 
-def fastest_recipe(device: env.DeviceInfo | None = None, results: str = "06_speed_flux-dev-shaped",
-                   tolerance: float = 0.02) -> str:
+# The committed transformer-alone runs of this chapter: an H100's, and an H200's (the same compute, faster memory).
+SPEED_RESULTS = ("06_speed_flux-dev-shaped", "06_speed_h200_flux-dev-shaped")
+
+
+def fastest_recipe(device: env.DeviceInfo | None = None, results: tuple[str, ...] = SPEED_RESULTS,
+                   tolerance: float = 0.02, packages: bool = True) -> str:
     """The fastest recipe in the committed results (ms per step) that runs on `device`.
 
     Recipes within `tolerance` (2%) of the fastest count as equally fast, and among those the
-    one that compiled quickest wins: a 1 ms difference is noise, a 90 s compile is not.
+    one that compiled quickest wins: a 1 ms difference is noise, a 90 s compile is not. With
+    `packages` (the default), a recipe also needs its packages installed here (FA3 for `attn-fa3*`);
+    `packages=False` ranks by the device's hardware alone.
     """
     device = device or env.device_info()
-    frame = measure.load_results(results)
+    frame = measure.to_frame([asdict(row) for name in results
+                              for row in measure.load_rows(measure.results_dir() / f"{name}.json")])
     frame = frame[frame["ms_per_step"].notna() & frame["recipe"].str.match(r"^(bf16|float8|int8)")]
     runnable, reasons = [], []
     for row in frame.sort_values("ms_per_step").itertuples():
         try:
-            check_speed_recipe(row.recipe, device)
+            check_speed_recipe(row.recipe, device, packages=packages)
             runnable.append((row.ms_per_step, row.extra.get("compile_s") or 0.0, row.recipe))
         except UnsupportedHardwareError as error:
             reasons.append(str(error))
@@ -224,10 +451,11 @@ def fastest_recipe(device: env.DeviceInfo | None = None, results: str = "06_spee
     return min(as_fast, key=lambda r: r[1])[2]
 
 
-def make_fast(pipe, recipe: str | SpeedRecipe | None = None, device: env.DeviceInfo | None = None):
+def make_fast(pipe, recipe: str | SpeedRecipe | None = None, device: env.DeviceInfo | None = None,
+              calibrate: Callable[[], Any] | None = None):
     """Apply `recipe`, or else the fastest measured one that runs on this device, to a FLUX pipeline."""
     device = device or env.device_info(_module_device(pipe))
-    return apply_speed_recipe(pipe, recipe or fastest_recipe(device), device)
+    return apply_speed_recipe(pipe, recipe or fastest_recipe(device), device, calibrate=calibrate)
 
 
 # --- the floor --------------------------------------------------------------------------------
@@ -244,6 +472,12 @@ def _tokens_of(linear_name: str, image_tokens: int, text_tokens: int) -> int:
     return image_tokens
 
 
+def _unused_projections(transformer: torch.nn.Module) -> set[str]:
+    """The names of the separate q, k, v projections that fuse_qkv_projections() keeps beside the fused one, unused."""
+    return {f"{name}.{projection}" for name, m in transformer.named_modules() if getattr(m, "fused_projections", False)
+            for projection in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
+
+
 def transformer_tflop_per_step(transformer: torch.nn.Module, height: int = 1024, width: int = 1024,
                                text_tokens: int = 512) -> dict[str, float]:
     """TFLOP of one forward pass: every Linear on the tokens it sees, plus attention's two matmuls.
@@ -252,9 +486,7 @@ def transformer_tflop_per_step(transformer: torch.nn.Module, height: int = 1024,
     leaves out elementwise work, which is memory-bound rather than compute-bound.
     """
     image_tokens = (height // 16) * (width // 16)
-    # fuse_qkv_projections() keeps the separate projections beside the fused one, unused: skip them
-    unused = {f"{name}.{projection}" for name, m in transformer.named_modules() if getattr(m, "fused_projections", False)
-              for projection in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
+    unused = _unused_projections(transformer)
     linear = sum(
         2 * m.in_features * m.out_features * _tokens_of(name, image_tokens, text_tokens)
         for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and name not in unused
@@ -299,18 +531,18 @@ def break_even_images(compile_s: float, eager_s_per_image: float, compiled_s_per
 
 
 # Compiled pipeline rows measured in other chapters, shown beside this chapter's transformer-alone rows.
-PIPELINE_RESULTS = ("01_bitsandbytes_compile_flux-dev-shaped", "03_torchao_compile_flux-dev-shaped")
+PIPELINE_RESULTS = ("01_bitsandbytes_compile_flux-dev-shaped", "03_torchao_compile_flux-dev-shaped",
+                    "06_speed_pipeline_flux-dev-shaped")
 
 
-def speed_table(results: str = "06_speed_flux-dev-shaped", pipeline_results: tuple[str, ...] = PIPELINE_RESULTS):
+def speed_table(results: tuple[str, ...] = SPEED_RESULTS, pipeline_results: tuple[str, ...] = PIPELINE_RESULTS):
     """Every committed ms-per-step row, with compile time, SQNR and its ratio to the compute floor.
 
-    Rows from `pipeline_results` were timed inside a whole pipeline run (chapters 01 and 03); their
+    Rows from `pipeline_results` were timed inside a whole pipeline run (chapters 01, 03 and 06); their
     `source` says so, and their floor is that of FLUX.1-dev at the same 1024×1024 size.
     """
-    rows = [asdict(r) for r in measure.load_rows(measure.results_dir() / f"{results}.json")]
-    for row in rows:
-        row["source"] = "transformer alone (chapter 06)"
+    rows = [{**asdict(r), "source": "transformer alone (chapter 06)"}
+            for name in results for r in measure.load_rows(measure.results_dir() / f"{name}.json")]
     floor = transformer_tflop_per_step(models.meta_component("flux-dev-shaped", "transformer"))
     for name in pipeline_results:
         for row in measure.load_rows(measure.results_dir() / f"{name}.json"):
@@ -396,11 +628,25 @@ def run_speed_recipe(name: str, model: str = "flux-dev-shaped", *, height: int =
     device = device or env.default_device()
     info = env.device_info(device)
     recipe = check_speed_recipe(name, info)
-    # set_attention_backend() also sets the process-wide default, which reset_attention_backend() leaves;
-    # this restores it afterwards, so the next recipe in the process starts from PyTorch's own choice
-    with attention_backend("native"):
+    # set_attention_backend() also sets the process-wide default, which reset_attention_backend() leaves, and
+    # inductor-flags and torchao's fp8 configs set inductor's: both are put back afterwards, so the next recipe
+    # starts from the defaults
+    with attention_backend("native"), _inductor_settings_restored(recipe):
         return _time_speed_recipe(recipe, model, info, height, width, text_tokens, warmup, repeats, reference,
                                   device, seed, profile)
+
+
+# The inductor settings that torchao's recommended_inductor_config_setter() changes for good, process-wide.
+_TORCHAO_INDUCTOR_SETTINGS = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions",
+                              "force_fuse_int_mm_with_mul", "fx_graph_cache", "triton.unique_kernel_names")
+
+
+def _inductor_settings_restored(recipe: SpeedRecipe):
+    """A context in which `recipe` may change inductor's settings; on leaving, they are what they were."""
+    import torch._inductor.config as inductor_config
+
+    keys = (*INDUCTOR_FLAGS, *_TORCHAO_INDUCTOR_SETTINGS)
+    return inductor_config.patch({key: inductor_config.get_config_copy()[key] for key in keys})
 
 
 def _time_speed_recipe(recipe: SpeedRecipe, model: str, info: env.DeviceInfo, height: int, width: int,
@@ -415,9 +661,16 @@ def _time_speed_recipe(recipe: SpeedRecipe, model: str, info: env.DeviceInfo, he
     inputs = measure.random_transformer_inputs(transformer.config, height, width, text_tokens, device=device,
                                                dtype=dtype, seed=seed)
     tflop = transformer_tflop_per_step(transformer, height, width, text_tokens)
+    calibrate = None
+    if recipe.quantization == "float8static-tensor":  # other inputs than the timed ones, at three noise levels
+        calibration = [{**measure.random_transformer_inputs(transformer.config, height, width, text_tokens,
+                                                            device=device, dtype=dtype, seed=seed + 1 + i),
+                        "timestep": torch.tensor([t], device=device, dtype=dtype)}
+                       for i, t in enumerate(CALIBRATION_TIMESTEPS)]
+        calibrate = lambda: [transformer(**c) for c in calibration]  # noqa: E731
     measure.reset_peak_gpu_memory(device)
     started = time.perf_counter()
-    apply_speed_recipe(transformer, recipe, info)
+    apply_speed_recipe(transformer, recipe, info, calibrate=calibrate)
     prepare_s = time.perf_counter() - started
     weights = measure.weights_bytes(transformer)
     with torch.no_grad():
@@ -436,7 +689,15 @@ def _time_speed_recipe(recipe: SpeedRecipe, model: str, info: env.DeviceInfo, he
         "floor_bf16_ms": floor_ms_per_step(tflop, info.name),
         "floor_fp8_linears_ms": floor_ms_per_step(tflop, info.name, fp8_linears=True),
         "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+        "fa3_fwd": metadata.version("fa3-fwd") if recipe.attention in FA3_ATTENTION else None,
+        "calibration": (None if calibrate is None else f"{len(CALIBRATION_TIMESTEPS)} random input sets (seeds "
+                        f"{seed + 1}-{seed + len(CALIBRATION_TIMESTEPS)}) at timesteps {CALIBRATION_TIMESTEPS}"),
     }
+    if recipe.cuda_graph:  # the same compiled model, launched kernel by kernel: what the graph saved
+        with torch.no_grad():
+            eager_launches = measure.time_callable(lambda: transformer.forward.forward(**inputs)[0], warmup=1,
+                                                   repeats=repeats, device=device)
+        extra["without_cuda_graph_ms"] = eager_launches.median_s * 1e3
     if profile:
         with torch.no_grad():
             extra["profile"] = profile_step(lambda: transformer(**inputs), device=device)
@@ -453,6 +714,53 @@ def _time_speed_recipe(recipe: SpeedRecipe, model: str, info: env.DeviceInfo, he
         f"{text_tokens} text tokens, random weights; one step = one forward pass", extra=extra,
     )
     del transformer
+    gc.collect()
+    return row
+
+
+PIPELINE_PROMPT = "a photo of a cat sitting on a red chair in a sunny room"
+
+
+def run_speed_pipeline(name: str, model: str = "flux-dev-shaped", *, height: int = 1024, width: int = 1024,
+                       steps: int = 28, repeats: int = 3, prompt: str = PIPELINE_PROMPT, device: str | None = None,
+                       seed: int = 0) -> measure.Measurement:
+    """Time one speed recipe inside a whole FluxPipeline: `make_fast`, then text encoding, `steps` steps and the VAE.
+
+    The first image pays for compiling (and recording the CUDA graph) and is timed alone as `first_image_s`;
+    `repeats` more images give the median seconds per image and milliseconds per denoising step.
+    """
+    from diffusers.models.attention_dispatch import attention_backend
+
+    from .recipes import load_pipeline
+
+    device = device or env.default_device()
+    info = env.device_info(device)
+    recipe = check_speed_recipe(name, info)
+    torch._dynamo.reset()
+    with attention_backend("native"), _inductor_settings_restored(recipe):
+        pipe = load_pipeline(model, "bf16", device=device)
+        pipe.set_progress_bar_config(disable=True)
+        call = {**models.get_model(model).call_kwargs(), "height": height, "width": width, "num_inference_steps": steps}
+        measure.reset_peak_gpu_memory(device)
+        make_fast(pipe, recipe, info)
+        measure.synchronize(device)
+        started = time.perf_counter()
+        pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **call)
+        measure.synchronize(device)
+        first_image_s = time.perf_counter() - started
+        timing = measure.time_generation(pipe, prompt, call, seed=seed, warmup=0, repeats=repeats, device=device)
+    row = measure.new_row(
+        model, recipe.name, info, height=height, width=width, steps=steps, repeats=repeats,
+        weights_bytes=measure.weights_bytes(pipe.transformer), ms_per_step=timing.per_step.median_s * 1e3,
+        ms_per_step_iqr=timing.per_step.iqr_s * 1e3, s_per_image=timing.per_image.median_s,
+        s_per_image_iqr=timing.per_image.iqr_s, peak_gpu_mem_gib=measure.peak_gpu_memory_gib(device),
+        notes=f"{model} whole pipeline, {height}x{width}, {steps} steps, random weights; make_fast(pipe, recipe)",
+        extra={"first_image_s": first_image_s,
+               "compile_s": first_image_s - timing.per_image.median_s if recipe.compile_mode else None,
+               "compiled_region": (None if not recipe.compile_mode else
+                                   "repeated blocks" if recipe.regional else "whole transformer")},
+    )
+    del pipe
     gc.collect()
     return row
 
@@ -488,6 +796,53 @@ def run_vae_decode(variant: str, model: str = "flux-dev-shaped", *, height: int 
     )
 
 
+def attention_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Attention over (batch, tokens, heads, head_dim) tensors with a key of ATTENTION_BACKENDS or FA3_ATTENTION."""
+    if kind in FA3_ATTENTION:
+        return FlashAttention3Processor(fp8=kind == "fa3-fp8").attention
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    return functools.partial(dispatch_attention_fn, backend=ATTENTION_BACKENDS[kind])
+
+
+def run_attention(variant: str, *, tokens: int = 4608, heads: int = 24, head_dim: int = 128, blocks: int = 57,
+                  calls: int = 10, warmup: int = 2, repeats: int = 10, device: str | None = None,
+                  seed: int = 0) -> measure.Measurement:
+    """Time attention alone at FLUX.1-dev's 1024×1024 shape: `attention-<kind>`, e.g. `attention-fa3-fp8`.
+
+    One FLUX step runs `blocks` (57) attentions of `tokens` (4,096 image + 512 text) by `heads` × `head_dim`;
+    `ms_per_step` is 57 of them. `extra.sqnr_db` compares the output with float32 attention on the same
+    bf16 inputs (q and k RMS-normalized, as FLUX's are), `extra.tflops` is the rate achieved.
+    """
+    kind = variant.removeprefix("attention-")
+    if not variant.startswith("attention-") or kind not in (*ATTENTION_BACKENDS, *FA3_ATTENTION):
+        raise ValueError(f"Unknown attention variant {variant!r}: attention-{{{','.join((*ATTENTION_BACKENDS, *FA3_ATTENTION))}}}.")
+    device = device or env.default_device()
+    info = env.device_info(device)
+    check_speed_recipe(f"bf16+attn-{kind}", info)
+    dtype = env.default_dtype(info)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    q, k, v = (torch.randn(1, tokens, heads, head_dim, generator=generator) for _ in range(3))
+    q, k = (torch.nn.functional.rms_norm(x, (head_dim,)) for x in (q, k))
+    q, k, v = (x.to(device, dtype) for x in (q, k, v))
+    attention = attention_fn(kind)
+    with torch.no_grad():
+        reference = torch.nn.functional.scaled_dot_product_attention(
+            *(x.float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+        output = attention(q, k, v)
+        timing = measure.time_callable(lambda: [attention(q, k, v) for _ in range(calls)], warmup=warmup,
+                                       repeats=repeats, device=device)
+    call_s = timing.median_s / calls
+    tflop = 4 * tokens**2 * heads * head_dim / 1e12  # Q·Kᵀ and P·V, 2 FLOP per multiply-add
+    return measure.new_row(
+        "flux-dev-shaped", variant, info, ms_per_step=call_s * blocks * 1e3, ms_per_step_iqr=timing.iqr_s / calls * blocks * 1e3,
+        repeats=repeats, notes=f"attention alone: batch 1, {tokens} tokens, {heads} heads of {head_dim}, {dtype}; "
+        f"ms_per_step is {blocks} calls, one per FLUX block",
+        extra={"attention_ms": call_s * 1e3, "tflops": tflop / call_s, "tflop_per_call": tflop,
+               "sqnr_db": measure.sqnr_db(output.float(), reference), "output_dtype": str(output.dtype)},
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m quantlab.speed --recipes R [R ...] --out FILE`: one row per recipe, saved as each ends."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -500,13 +855,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", help="a .pt file: the bf16 eager output, saved by the first bf16 run")
     parser.add_argument("--out", required=True, help="a .json file; rows already in it are kept")
     parser.add_argument("--profile", action="store_true", help="also profile 3 steps: time by kernel kind")
+    parser.add_argument("--pipeline-steps", type=int, help="time each recipe in a whole pipeline of this many steps")
     args = parser.parse_args(argv)
     out = Path(args.out)
     rows = [asdict(r) for r in measure.load_rows(out)] if out.exists() else []
     for name in args.recipes:
         print(f"{name}: starting", flush=True)
         try:
-            if name.startswith("vae-decode"):
+            if args.pipeline_steps:
+                row = run_speed_pipeline(name, args.model, height=args.height, width=args.width,
+                                         steps=args.pipeline_steps, repeats=args.repeats)
+            elif name.startswith("attention-"):
+                row = run_attention(name, tokens=(args.height // 16) * (args.width // 16) + 512, warmup=args.warmup,
+                                    repeats=args.repeats)
+            elif name.startswith("vae-decode"):
                 row = run_vae_decode(name, args.model, height=args.height, width=args.width, warmup=args.warmup,
                                      repeats=args.repeats)
             else:
@@ -522,9 +884,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in rows if r["recipe"] != name] + [asdict(row)]
         measure.save_rows(rows, out)
         extra = row.extra
-        print(f"{name}: {row.ms_per_step or 0:.1f} ms/step, s/image {row.s_per_image}, first call "
-              f"{extra['first_call_s']:.1f} s, compile {extra.get('compile_s')}, peak {row.peak_gpu_mem_gib}, "
-              f"sqnr {extra.get('sqnr_db')}", flush=True)
+        shown = {"s/image": row.s_per_image, "peak GiB": row.peak_gpu_mem_gib,
+                 **{key: extra.get(key) for key in ("first_call_s", "first_image_s", "compile_s", "sqnr_db",
+                                                    "without_cuda_graph_ms", "attention_ms", "tflops")}}
+        print(f"{name}: {row.ms_per_step or 0:.1f} ms/step, " + ", ".join(
+            f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+            for key, value in shown.items() if value is not None), flush=True)
         if "profile" in extra:
             print(f"{name}: profile, ms per step: " + ", ".join(
                 f"{kind} {ms:.1f}" for kind, ms in extra["profile"]["ms_per_step_by_kind"].items()), flush=True)

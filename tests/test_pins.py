@@ -50,6 +50,13 @@ def test_pyproject_pins_what_the_course_needs():
     assert all(pins[name] is None for name in UNPINNED)
 
 
+def test_the_hopper_extra_is_the_pin_chapter_06_names():
+    from quantlab.speed import FA3_REQUIREMENT
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras == {"hopper": [FA3_REQUIREMENT]} and FA3_REQUIREMENT == "fa3-fwd==0.0.3"
+
+
 def test_environment_yml_agrees_with_pyproject():
     assert environment_pip_requirements() == pyproject_requirements()
 
