@@ -46,6 +46,7 @@ __all__ = [
     "parse_speed_recipe",
     "check_speed_recipe",
     "apply_speed_recipe",
+    "speed_results",
     "fastest_recipe",
     "make_fast",
     "transformer_tflop_per_step",
@@ -363,11 +364,12 @@ class FlashAttention3Processor:
     """diffusers' FLUX attention processor, with the attention itself computed by FlashAttention-3.
 
     Everything before and after the attention call is what diffusers' `FluxAttnProcessor` does, step
-    for step (tests/test_speed.py checks the outputs match): the (fused) QKV projections, RMSNorm on q and k, the text and image streams joined, RoPE, the output projections.
-    With `fp8=True`, q, k and v are cast to float8 e4m3 first, without scales, as flux-fast does: after
-    the RMSNorm, q and k sit far inside e4m3's ±448, and so did v in every FLUX run of this course.
-    FA3 then runs both attention matmuls in fp8 on Hopper's tensor cores (twice the bf16 rate) and
-    returns bf16. Install it on every attention layer with
+    for step (tests/test_speed.py checks that the outputs are identical): the (fused) QKV projections,
+    RMSNorm on q and k, the text and image streams joined, RoPE, the output projections. With
+    `fp8=True`, q, k and v are cast to float8 e4m3 first, without scales, as flux-fast does: after the
+    RMSNorm, q and k sit far inside e4m3's ±448 (v is not normalized: the cast clips it there). FA3
+    then runs both attention matmuls in fp8 on Hopper's tensor cores (twice the bf16 rate) and returns
+    bf16. Install it on every attention layer with
     `transformer.set_attn_processor(FlashAttention3Processor(fp8=True))`.
     """
 
@@ -425,6 +427,12 @@ def _module_device(pipe) -> str:
 SPEED_RESULTS = ("06_speed_flux-dev-shaped", "06_speed_h200_flux-dev-shaped")
 
 
+def speed_results(results: tuple[str, ...] = SPEED_RESULTS):
+    """The committed transformer-alone rows of `results` (the H100's and the H200's runs), as one DataFrame."""
+    return measure.to_frame([asdict(row) for name in results
+                             for row in measure.load_rows(measure.results_dir() / f"{name}.json")])
+
+
 def fastest_recipe(device: env.DeviceInfo | None = None, results: tuple[str, ...] = SPEED_RESULTS,
                    tolerance: float = 0.02, packages: bool = True) -> str:
     """The fastest recipe in the committed results (ms per step) that runs on `device`.
@@ -435,8 +443,7 @@ def fastest_recipe(device: env.DeviceInfo | None = None, results: tuple[str, ...
     `packages=False` ranks by the device's hardware alone.
     """
     device = device or env.device_info()
-    frame = measure.to_frame([asdict(row) for name in results
-                              for row in measure.load_rows(measure.results_dir() / f"{name}.json")])
+    frame = speed_results(results)
     frame = frame[frame["ms_per_step"].notna() & frame["recipe"].str.match(r"^(bf16|float8|int8)")]
     runnable, reasons = [], []
     for row in frame.sort_values("ms_per_step").itertuples():
