@@ -1,9 +1,11 @@
 """Speed: what makes one FLUX transformer step fast, measured against the compute floor.
 
 A speed recipe is a `+`-joined name: the weights first (`bf16`, or a torchao config that quantizes
-the activations too), then any of `fused-qkv`, `attn-<backend>`, `compile[-regional][-<mode>]`, `inductor-flags`, `cuda-graph`
-and `vae-channels-last`, which are always applied in that order. For example
-`float8dq-row+fused-qkv+attn-cudnn+compile-regional+cuda-graph`. `attn-fa3` and `attn-fa3-fp8` run
+the activations too), then any of `fused-qkv`, `attn-<backend>`, `compile[-regional][-<mode>]`,
+`inductor-flags`, `cuda-graph` and `vae-channels-last`. For example
+`float8dq-row+fused-qkv+attn-cudnn+compile-regional+cuda-graph`. `apply_speed_recipe` always applies
+them in one order: fused QKV, the attention, the weights' quantization (which static fp8 calibrates
+through the attention that will run), the inductor flags, the compile, the CUDA graph, the VAE. `attn-fa3` and `attn-fa3-fp8` run
 attention through FlashAttention-3 (`FlashAttention3Processor`, Hopper GPUs, the fa3-fwd package).
 `apply_speed_recipe` applies one to a pipeline (or a bare transformer) with the real diffusers,
 torchao and torch calls; `make_fast` applies the fastest measured recipe that runs here.
@@ -114,12 +116,12 @@ PEAK_DENSE_TFLOPS = {
 
 @dataclass(frozen=True)
 class SpeedRecipe:
-    """The steps of one speed recipe, in the order `apply_speed_recipe` applies them."""
+    """The steps of one speed recipe (`apply_speed_recipe` says in which order they are applied)."""
 
     name: str
     quantization: str | None = None  # one of QUANTIZATIONS, None for bf16/fp16 weights
     fuse_qkv: bool = False
-    attention: str | None = None  # a key of ATTENTION_BACKENDS
+    attention: str | None = None  # a key of ATTENTION_BACKENDS, or one of FA3_ATTENTION
     compile_mode: str | None = None  # one of COMPILE_MODES, None for eager
     regional: bool = False  # compile_repeated_blocks() rather than the whole transformer
     inductor_flags: bool = False  # INDUCTOR_FLAGS, set process-wide before compiling
@@ -209,9 +211,10 @@ def check_speed_recipe(recipe: str | SpeedRecipe, device: env.DeviceInfo | None 
                 f"H100, H200), and this device is {device.label}. Instead: attn-cudnn on a GPU of compute "
                 "capability 8.0+, attn-native elsewhere."
             )
-        if packages and importlib.util.find_spec("fa3_fwd_interface") is None:
+        problem = _fa3_problem() if packages else None
+        if problem:
             raise UnsupportedHardwareError(
-                f"Speed recipe {recipe.name!r} needs FlashAttention-3, which is not installed here. Install its "
+                f"Speed recipe {recipe.name!r} needs FlashAttention-3, which is {problem}. Install its "
                 f"forward-only build with `pip install {FA3_REQUIREMENT}` (a CUDA 13 wheel for torch 2.10+; or "
                 "`pip install -e .[hopper]`), or use attn-cudnn, PyTorch's own fastest kernel on Hopper."
             )
@@ -221,6 +224,17 @@ def check_speed_recipe(recipe: str | SpeedRecipe, device: env.DeviceInfo | None 
             f"and {device.label} has {cc[0]}.{cc[1]}. Instead: attn-efficient or attn-native."
         )
     return recipe
+
+
+def _fa3_problem() -> str | None:
+    """Why FlashAttention-3 cannot be used here ('not installed here', or why it does not load), or None."""
+    if importlib.util.find_spec("fa3_fwd_interface") is None:
+        return "not installed here"
+    try:  # the wheel loads a CUDA 13 runtime: installed is not the same as usable
+        importlib.import_module("fa3_fwd_interface")
+    except (ImportError, OSError, RuntimeError) as error:
+        return f"installed here but does not load ({type(error).__name__}: {str(error)[:200]})"
+    return None
 
 
 def _quantization_config(name: str, step: str | None = None):
@@ -278,9 +292,6 @@ def apply_speed_recipe(pipe, recipe: str | SpeedRecipe, device: env.DeviceInfo |
         from torchao.quantization import quantize_
 
         if static:  # observers on every Linear that runs, one pass over the calibration inputs, then fp8
-            from torchao.quantization.utils import recommended_inductor_config_setter
-
-            recommended_inductor_config_setter()  # what torchao's dynamic fp8 config does: the same compile settings
             unused = _unused_projections(transformer)  # an observer that never saw an input has no range
             used = lambda module, name: isinstance(module, torch.nn.Linear) and name not in unused  # noqa: E731
             quantize_(transformer, _quantization_config(recipe.quantization, step="prepare"), filter_fn=used)
@@ -321,7 +332,7 @@ class CudaGraphForward:
     """
 
     def __init__(self, forward, warmup: int = 2):
-        self.forward = forward  # the original forward, eager or with compiled blocks inside
+        self.wrapped = forward  # the original forward, eager or with compiled blocks inside
         self.warmup = warmup
         self.graphs: dict[Any, tuple[torch.cuda.CUDAGraph, list, Any]] = {}
 
@@ -352,11 +363,11 @@ class CudaGraphForward:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
-                    self.forward(*args, **kwargs)
+                    self.wrapped(*args, **kwargs)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                output = self.forward(*args, **kwargs)
+                output = self.wrapped(*args, **kwargs)
         return graph, static_leaves, output
 
 
@@ -638,7 +649,7 @@ def run_speed_recipe(name: str, model: str = "flux-dev-shaped", *, height: int =
     # set_attention_backend() also sets the process-wide default, which reset_attention_backend() leaves, and
     # inductor-flags and torchao's fp8 configs set inductor's: both are put back afterwards, so the next recipe
     # starts from the defaults
-    with attention_backend("native"), _inductor_settings_restored(recipe):
+    with attention_backend("native"), _inductor_settings_restored():
         return _time_speed_recipe(recipe, model, info, height, width, text_tokens, warmup, repeats, reference,
                                   device, seed, profile)
 
@@ -648,8 +659,8 @@ _TORCHAO_INDUCTOR_SETTINGS = ("coordinate_descent_tuning", "coordinate_descent_c
                               "force_fuse_int_mm_with_mul", "fx_graph_cache", "triton.unique_kernel_names")
 
 
-def _inductor_settings_restored(recipe: SpeedRecipe):
-    """A context in which `recipe` may change inductor's settings; on leaving, they are what they were."""
+def _inductor_settings_restored():
+    """A context in which a recipe may change inductor's settings; on leaving, they are what they were."""
     import torch._inductor.config as inductor_config
 
     keys = (*INDUCTOR_FLAGS, *_TORCHAO_INDUCTOR_SETTINGS)
@@ -702,7 +713,7 @@ def _time_speed_recipe(recipe: SpeedRecipe, model: str, info: env.DeviceInfo, he
     }
     if recipe.cuda_graph:  # the same compiled model, launched kernel by kernel: what the graph saved
         with torch.no_grad():
-            eager_launches = measure.time_callable(lambda: transformer.forward.forward(**inputs)[0], warmup=1,
+            eager_launches = measure.time_callable(lambda: transformer.forward.wrapped(**inputs)[0], warmup=1,
                                                    repeats=repeats, device=device)
         extra["without_cuda_graph_ms"] = eager_launches.median_s * 1e3
     if profile:
@@ -744,7 +755,7 @@ def run_speed_pipeline(name: str, model: str = "flux-dev-shaped", *, height: int
     info = env.device_info(device)
     recipe = check_speed_recipe(name, info)
     torch._dynamo.reset()
-    with attention_backend("native"), _inductor_settings_restored(recipe):
+    with attention_backend("native"), _inductor_settings_restored():
         pipe = load_pipeline(model, "bf16", device=device)
         pipe.set_progress_bar_config(disable=True)
         call = {**models.get_model(model).call_kwargs(), "height": height, "width": width, "num_inference_steps": steps}
