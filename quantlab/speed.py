@@ -5,8 +5,9 @@ the activations too), then any of `fused-qkv`, `attn-<backend>`, `compile[-regio
 `inductor-flags`, `cuda-graph` and `vae-channels-last`. For example
 `float8dq-row+fused-qkv+attn-cudnn+compile-regional+cuda-graph`. `apply_speed_recipe` always applies
 them in one order: fused QKV, the attention, the weights' quantization (which static fp8 calibrates
-through the attention that will run), the inductor flags, the compile, the CUDA graph, the VAE. `attn-fa3` and `attn-fa3-fp8` run
-attention through FlashAttention-3 (`FlashAttention3Processor`, Hopper GPUs, the fa3-fwd package).
+through the attention that will run), the inductor flags, the compile, the CUDA graph, the VAE.
+`attn-fa3` and `attn-fa3-fp8` run attention through FlashAttention-3 (`FlashAttention3Processor`,
+Hopper GPUs, the fa3-fwd package).
 `apply_speed_recipe` applies one to a pipeline (or a bare transformer) with the real diffusers,
 torchao and torch calls; `make_fast` applies the fastest measured recipe that runs here.
 `python -m quantlab.speed` times recipes on a transformer alone: one denoising step is one
@@ -163,7 +164,8 @@ def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
         else:
             raise ValueError(
                 f"Unknown step {step!r} in speed recipe {name!r}. Steps: fused-qkv, "
-                f"attn-{{{','.join((*ATTENTION_BACKENDS, *FA3_ATTENTION))}}}, compile[-regional][-{{{','.join(COMPILE_MODES)}}}], "
+                f"attn-{{{','.join((*ATTENTION_BACKENDS, *FA3_ATTENTION))}}}, "
+                f"compile[-regional][-{{{','.join(COMPILE_MODES)}}}], "
                 "inductor-flags, cuda-graph, vae-channels-last."
             )
     if recipe.inductor_flags and not recipe.compile_mode:
@@ -834,7 +836,8 @@ def run_attention(variant: str, *, tokens: int = 4608, heads: int = 24, head_dim
     """
     kind = variant.removeprefix("attention-")
     if not variant.startswith("attention-") or kind not in (*ATTENTION_BACKENDS, *FA3_ATTENTION):
-        raise ValueError(f"Unknown attention variant {variant!r}: attention-{{{','.join((*ATTENTION_BACKENDS, *FA3_ATTENTION))}}}.")
+        kinds = ",".join((*ATTENTION_BACKENDS, *FA3_ATTENTION))
+        raise ValueError(f"Unknown attention variant {variant!r}: attention-{{{kinds}}}.")
     device = device or env.default_device()
     info = env.device_info(device)
     check_speed_recipe(f"bf16+attn-{kind}", info)
@@ -853,7 +856,8 @@ def run_attention(variant: str, *, tokens: int = 4608, heads: int = 24, head_dim
     call_s = timing.median_s / calls
     tflop = 4 * tokens**2 * heads * head_dim / 1e12  # Q·Kᵀ and P·V, 2 FLOP per multiply-add
     return measure.new_row(
-        "flux-dev-shaped", variant, info, ms_per_step=call_s * blocks * 1e3, ms_per_step_iqr=timing.iqr_s / calls * blocks * 1e3,
+        "flux-dev-shaped", variant, info, ms_per_step=call_s * blocks * 1e3,
+        ms_per_step_iqr=timing.iqr_s / calls * blocks * 1e3,
         repeats=repeats, notes=f"attention alone: batch 1, {tokens} tokens, {heads} heads of {head_dim}, {dtype}; "
         f"ms_per_step is {blocks} calls, one per FLUX block",
         extra={"attention_ms": call_s * 1e3, "tflops": tflop / call_s, "tflop_per_call": tflop,
