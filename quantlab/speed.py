@@ -17,15 +17,15 @@ transformer forward pass (FLUX.1-dev is guidance-distilled, so there is no secon
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.util
 import json
-from importlib import metadata
 import os
 import sys
-import functools
 import time
 from dataclasses import asdict, dataclass, replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -128,6 +128,13 @@ class SpeedRecipe:
     inductor_flags: bool = False  # INDUCTOR_FLAGS, set process-wide before compiling
     cuda_graph: bool = False  # record the transformer's forward pass once and replay it (CudaGraphForward)
     vae_channels_last: bool = False
+
+    @property
+    def compiled_region(self) -> str | None:
+        """What torch.compile compiles: 'repeated blocks', 'whole transformer', or None when eager."""
+        if not self.compile_mode:
+            return None
+        return "repeated blocks" if self.regional else "whole transformer"
 
     @property
     def fp8(self) -> bool:
@@ -258,7 +265,7 @@ def _quantization_config(name: str, step: str | None = None):
 
 # What static fp8 observes when `apply_speed_recipe` is given a whole pipeline and no `calibrate`: one short
 # generation, so that the observers see the activations of several denoising steps.
-CALIBRATION_PROMPT = "a photo of a cat sitting on a red chair in a sunny room"
+CALIBRATION_PROMPT = PIPELINE_PROMPT = "a photo of a cat sitting on a red chair in a sunny room"  # the runner's too
 CALIBRATION_STEPS = 4
 # ...and when the runner times a transformer alone: random inputs (other seeds than the timed ones) at these timesteps.
 CALIBRATION_TIMESTEPS = (0.9, 0.5, 0.1)
@@ -701,8 +708,7 @@ def _time_speed_recipe(recipe: SpeedRecipe, model: str, info: env.DeviceInfo, he
         "first_call_s": first_call_s,
         "prepare_s": prepare_s,
         "compile_s": first_call_s - timing.median_s if recipe.compile_mode else None,
-        "compiled_region": (None if not recipe.compile_mode else
-                            "repeated blocks" if recipe.regional else "whole transformer"),
+        "compiled_region": recipe.compiled_region,
         "text_tokens": text_tokens,
         **tflop,
         "achieved_tflops": tflop["total_tflop"] / timing.median_s,
@@ -736,9 +742,6 @@ def _time_speed_recipe(recipe: SpeedRecipe, model: str, info: env.DeviceInfo, he
     del transformer
     gc.collect()
     return row
-
-
-PIPELINE_PROMPT = "a photo of a cat sitting on a red chair in a sunny room"
 
 
 def run_speed_pipeline(name: str, model: str = "flux-dev-shaped", *, height: int = 1024, width: int = 1024,
@@ -777,8 +780,7 @@ def run_speed_pipeline(name: str, model: str = "flux-dev-shaped", *, height: int
         notes=f"{model} whole pipeline, {height}x{width}, {steps} steps, random weights; make_fast(pipe, recipe)",
         extra={"first_image_s": first_image_s,
                "compile_s": first_image_s - timing.per_image.median_s if recipe.compile_mode else None,
-               "compiled_region": (None if not recipe.compile_mode else
-                                   "repeated blocks" if recipe.regional else "whole transformer")},
+               "compiled_region": recipe.compiled_region},
     )
     del pipe
     gc.collect()
