@@ -2,10 +2,10 @@
 
 A speed recipe is a `+`-joined name: the weights first (`bf16`, or a torchao config that quantizes
 the activations too), then any of `fused-qkv`, `attn-<backend>`, `compile[-regional][-<mode>]`,
-`inductor-flags`, `cuda-graph` and `vae-channels-last`. For example
+`inductor-flags`, `gelu-sigmoid`, `cuda-graph` and `vae-channels-last`. For example
 `float8dq-row+fused-qkv+attn-cudnn+compile-regional+cuda-graph`. `apply_speed_recipe` always applies
-them in one order: fused QKV, the attention, the weights' quantization (which static fp8 calibrates
-through the attention that will run), the inductor flags, the compile, the CUDA graph, the VAE.
+them in one order: fused QKV, the attention, the GELU, the weights' quantization (which static fp8
+calibrates through the attention that will run), the inductor flags, the compile, the CUDA graph, the VAE.
 `attn-fa3` and `attn-fa3-fp8` run attention through FlashAttention-3 (`FlashAttention3Processor`,
 Hopper GPUs, the fa3-fwd package).
 `apply_speed_recipe` applies one to a pipeline (or a bare transformer) with the real diffusers,
@@ -38,6 +38,9 @@ __all__ = [
     "SpeedRecipe",
     "CudaGraphForward",
     "FlashAttention3Processor",
+    "SigmoidGELU",
+    "gelu_tanh_via_sigmoid",
+    "use_sigmoid_gelu",
     "FA3_ATTENTION",
     "FA3_REQUIREMENT",
     "SPEED_RESULTS",
@@ -62,6 +65,7 @@ __all__ = [
     "run_vae_decode",
     "attention_fn",
     "run_attention",
+    "run_matmuls",
     "speed_table",
     "KERNEL_KINDS",
     "kernel_kind",
@@ -126,6 +130,7 @@ class SpeedRecipe:
     compile_mode: str | None = None  # one of COMPILE_MODES, None for eager
     regional: bool = False  # compile_repeated_blocks() rather than the whole transformer
     inductor_flags: bool = False  # INDUCTOR_FLAGS, set process-wide before compiling
+    gelu_sigmoid: bool = False  # GELU(tanh) computed as x·σ(2z), the same function (SigmoidGELU)
     cuda_graph: bool = False  # record the transformer's forward pass once and replay it (CudaGraphForward)
     vae_channels_last: bool = False
 
@@ -157,6 +162,8 @@ def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
             recipe = replace(recipe, cuda_graph=True)
         elif step == "inductor-flags":
             recipe = replace(recipe, inductor_flags=True)
+        elif step == "gelu-sigmoid":
+            recipe = replace(recipe, gelu_sigmoid=True)
         elif step == "vae-channels-last":
             recipe = replace(recipe, vae_channels_last=True)
         elif step.startswith("attn-") and (step[5:] in ATTENTION_BACKENDS or step[5:] in FA3_ATTENTION):
@@ -173,10 +180,13 @@ def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
                 f"Unknown step {step!r} in speed recipe {name!r}. Steps: fused-qkv, "
                 f"attn-{{{','.join((*ATTENTION_BACKENDS, *FA3_ATTENTION))}}}, "
                 f"compile[-regional][-{{{','.join(COMPILE_MODES)}}}], "
-                "inductor-flags, cuda-graph, vae-channels-last."
+                "inductor-flags, gelu-sigmoid, cuda-graph, vae-channels-last."
             )
     if recipe.inductor_flags and not recipe.compile_mode:
         raise ValueError(f"Speed recipe {name!r}: inductor-flags set how torch.compile compiles; add a compile step.")
+    if recipe.gelu_sigmoid and not recipe.compile_mode:
+        raise ValueError(f"Speed recipe {name!r}: gelu-sigmoid rewrites the GELU for the kernels torch.compile "
+                         "generates; eager, it only adds kernel launches. Add a compile step.")
     if recipe.cuda_graph and recipe.compile_mode and not recipe.regional:
         raise ValueError(
             f"Speed recipe {name!r}: cuda-graph records the transformer's forward pass, which a whole-model "
@@ -297,6 +307,8 @@ def apply_speed_recipe(pipe, recipe: str | SpeedRecipe, device: env.DeviceInfo |
         transformer.set_attn_processor(FlashAttention3Processor(fp8=recipe.attention == "fa3-fp8"))
     elif recipe.attention:
         transformer.set_attention_backend(ATTENTION_BACKENDS[recipe.attention])
+    if recipe.gelu_sigmoid:
+        use_sigmoid_gelu(transformer)
     if recipe.quantization:
         from torchao.quantization import quantize_
 
@@ -436,6 +448,47 @@ class FlashAttention3Processor:
             [text_tokens, hidden_states.shape[1] - text_tokens], dim=1)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
         return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+
+# GELU's tanh approximation is 0.5·x·(1 + tanh(z)) with z = √(2/π)·(x + 0.044715·x³). Since
+# 1 + tanh(z) = 2σ(2z), it is also x·σ(2z): the same function, which FLUX runs after every MLP's first
+# Linear. The two forms differ in what inductor generates for them: tanh becomes a call of libdevice's
+# tanh, a longer instruction sequence, and σ one fast exponential and a division.
+_TWO_SQRT_2_OVER_PI = 2 * (2 / 3.141592653589793) ** 0.5
+
+
+def gelu_tanh_via_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """`F.gelu(x, approximate="tanh")`, computed in float32 as x·σ(2z) and returned in x's dtype."""
+    x32 = x.float()
+    return (x32 * torch.sigmoid(_TWO_SQRT_2_OVER_PI * (x32 + 0.044715 * x32 * x32 * x32))).to(x.dtype)
+
+
+class SigmoidGELU(torch.nn.Module):
+    """`nn.GELU(approximate="tanh")` as x·σ(2z) (`gelu_tanh_via_sigmoid`), for a compiled model."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh_via_sigmoid(x)
+
+
+def use_sigmoid_gelu(transformer: torch.nn.Module) -> int:
+    """Compute every tanh GELU of `transformer` as x·σ(2z); returns how many were changed.
+
+    The single-stream blocks hold an `nn.GELU` (`act_mlp`), which is replaced by a SigmoidGELU; the
+    feed-forwards of the double-stream blocks hold diffusers' `GELU`, whose projection stays and whose
+    `gelu` method is replaced on the instance.
+    """
+    from diffusers.models.activations import GELU as DiffusersGELU
+
+    changed = 0
+    for name, module in list(transformer.named_modules()):
+        if isinstance(module, torch.nn.GELU) and module.approximate == "tanh":
+            parent, _, child = name.rpartition(".")
+            setattr(transformer.get_submodule(parent), child, SigmoidGELU())
+            changed += 1
+        elif isinstance(module, DiffusersGELU) and module.approximate == "tanh":
+            module.gelu = gelu_tanh_via_sigmoid
+            changed += 1
+    return changed
 
 
 def _module_device(pipe) -> str:
@@ -611,7 +664,7 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
 
 
-def profile_step(step, steps: int = 3, device: str = "cuda", top: int = 12) -> dict[str, Any]:
+def profile_step(step, steps: int = 3, device: str = "cuda", top: int = 25) -> dict[str, Any]:
     """Where the time of `step()` goes: milliseconds per call by kernel kind, and the top kernels.
 
     Runs `step` `steps` times under `torch.profiler` and adds up each kernel's own device time (on a
@@ -780,7 +833,10 @@ def run_speed_pipeline(name: str, model: str = "flux-dev-shaped", *, height: int
         notes=f"{model} whole pipeline, {height}x{width}, {steps} steps, random weights; make_fast(pipe, recipe)",
         extra={"first_image_s": first_image_s,
                "compile_s": first_image_s - timing.per_image.median_s if recipe.compile_mode else None,
-               "compiled_region": recipe.compiled_region},
+               "compiled_region": recipe.compiled_region,
+               "calibration": (f"make_fast's default: one generation of {CALIBRATION_STEPS} steps of the "
+                               f"prompt {CALIBRATION_PROMPT!r}" if recipe.quantization == "float8static-tensor"
+                               else None)},
     )
     del pipe
     gc.collect()
@@ -867,6 +923,63 @@ def run_attention(variant: str, *, tokens: int = 4608, heads: int = 24, head_dim
     )
 
 
+def run_matmuls(variant: str, model: str = "flux-dev-shaped", *, height: int = 1024, width: int = 1024,
+                text_tokens: int = 512, calls: int = 10, warmup: int = 2, repeats: int = 10,
+                device: str | None = None, seed: int = 0) -> measure.Measurement:
+    """Time the matmuls of one FLUX step alone, shape by shape: `matmuls-bf16` or `matmuls-fp8`.
+
+    Each Linear that one forward pass runs (with fused QKV projections, as every fast recipe has) becomes
+    one matmul of its shape on random data with its bias: `F.linear` in bf16, and for fp8 the call
+    torchao's per-tensor configs make, `torch._scaled_mm` with fast accumulation and a bf16 output. Each
+    distinct shape is timed `calls` times in a row and multiplied by how often a step runs it; the sum,
+    `ms_per_step`, is what the step's matmuls cost with nothing between them (`extra.shapes` has each).
+    """
+    dtype_name = variant.removeprefix("matmuls-")
+    if not variant.startswith("matmuls-") or dtype_name not in ("bf16", "fp8"):
+        raise ValueError(f"Unknown matmul variant {variant!r}: matmuls-bf16 or matmuls-fp8.")
+    device = device or env.default_device()
+    info = env.device_info(device)
+    check_speed_recipe("float8dq-tensor" if dtype_name == "fp8" else "bf16", info)
+    transformer = models.meta_component(model, "transformer")
+    transformer.fuse_qkv_projections()
+    image_tokens = (height // 16) * (width // 16)
+    unused = _unused_projections(transformer)
+    counts: dict[tuple[int, int, int], int] = {}
+    for name, m in transformer.named_modules():
+        if isinstance(m, torch.nn.Linear) and name not in unused:
+            shape = (_tokens_of(name, image_tokens, text_tokens), m.in_features, m.out_features)
+            counts[shape] = counts.get(shape, 0) + 1
+    generator = torch.Generator("cpu").manual_seed(seed)
+    shapes, total_s = [], 0.0
+    by_flops = sorted(counts.items(), key=lambda item: -item[0][0] * item[0][1] * item[0][2])
+    for (rows, inputs, outputs), count in by_flops:
+        a, w = (torch.randn(n, inputs, generator=generator).to(device, torch.bfloat16) for n in (rows, outputs))
+        bias = torch.randn(outputs, generator=generator).to(device, torch.bfloat16)
+        if dtype_name == "fp8":
+            one = torch.ones((), device=device)
+            a, w = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+            matmul = functools.partial(torch._scaled_mm, a, w.t(), scale_a=one, scale_b=one, bias=bias,
+                                       out_dtype=torch.bfloat16, use_fast_accum=True)
+        else:
+            matmul = functools.partial(torch.nn.functional.linear, a, w, bias)
+        with torch.no_grad():
+            timing = measure.time_callable(lambda: [matmul() for _ in range(calls)], warmup=warmup,
+                                           repeats=repeats, device=device)
+        call_s = timing.median_s / calls
+        total_s += call_s * count
+        shapes.append({"rows": rows, "in_features": inputs, "out_features": outputs, "count": count,
+                       "ms": call_s * 1e3, "tflops": 2 * rows * inputs * outputs / call_s / 1e12})
+        del a, w, bias, matmul
+    linear_tflop = sum(2 * r * i * o * c for (r, i, o), c in counts.items()) / 1e12
+    call = "torch._scaled_mm, per-tensor scales, fast accumulation" if dtype_name == "fp8" else "F.linear"
+    return measure.new_row(
+        model, variant, info, height=height, width=width, ms_per_step=total_s * 1e3, repeats=repeats,
+        notes=f"the matmuls of one {model} step ({height}x{width}, {text_tokens} text tokens, fused QKV) alone, "
+        f"shape by shape; {call}, bf16 output with bias, random data",
+        extra={"linear_tflop": linear_tflop, "achieved_tflops": linear_tflop / total_s, "shapes": shapes},
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m quantlab.speed --recipes R [R ...] --out FILE`: one row per recipe, saved as each ends."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -892,6 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
             elif name.startswith("attention-"):
                 row = run_attention(name, tokens=(args.height // 16) * (args.width // 16) + 512, warmup=args.warmup,
                                     repeats=args.repeats)
+            elif name.startswith("matmuls-"):
+                row = run_matmuls(name, args.model, height=args.height, width=args.width, warmup=args.warmup,
+                                  repeats=args.repeats)
             elif name.startswith("vae-decode"):
                 row = run_vae_decode(name, args.model, height=args.height, width=args.width, warmup=args.warmup,
                                      repeats=args.repeats)

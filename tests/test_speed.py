@@ -15,7 +15,7 @@ H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), bf16=True, fp8=True)
 T4 = DeviceInfo("cuda", "Tesla T4", (7, 5), bf16=False, fp8=False)
 CPU = DeviceInfo("cpu", "CPU (x86_64, 2 cores)")
 L40S = DeviceInfo("cuda", "NVIDIA L40S", (8, 9), bf16=True, fp8=True)
-FASTEST_ON_HOPPER = "float8static-tensor+fused-qkv+attn-fa3-fp8+compile-regional+cuda-graph"  # measured on an H200
+FASTEST_ON_HOPPER = "float8static-tensor+fused-qkv+attn-fa3-fp8+gelu-sigmoid+compile-regional+cuda-graph"  # measured on an H200
 FASTEST_WITHOUT_FA3 = "float8dq-row+fused-qkv+attn-cudnn+compile-regional+cuda-graph"
 
 
@@ -246,6 +246,58 @@ def test_static_fp8_observes_then_quantizes_every_linear_that_runs(tiny_pipe):
     with torch.no_grad():
         output = transformer(**inputs)[0]
     assert 15 < ql.measure.sqnr_db(output, reference) < 35
+
+
+def test_gelu_as_a_sigmoid_is_the_tanh_gelu():
+    x = torch.linspace(-12, 12, 200_001)
+    exact = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    assert (speed.gelu_tanh_via_sigmoid(x).double() - exact).abs().max() < 2e-6
+    assert (torch.nn.functional.gelu(x, approximate="tanh").double() - exact).abs().max() < 2e-6
+    half = x.bfloat16()  # computed in float32, rounded once: at most one bf16 step from F.gelu's own rounding
+    step = torch.nn.functional.gelu(half, approximate="tanh").float().abs().clamp(min=1e-3) * 2**-7
+    assert ((speed.gelu_tanh_via_sigmoid(half).float() - torch.nn.functional.gelu(half, approximate="tanh").float())
+            .abs() <= step).all()
+    with pytest.raises(ValueError, match="Add a compile step"):
+        speed.parse_speed_recipe("bf16+gelu-sigmoid")
+    assert speed.parse_speed_recipe("bf16+gelu-sigmoid+compile-regional").gelu_sigmoid
+
+
+def test_gelu_sigmoid_changes_every_tanh_gelu_and_not_the_output(tiny_pipe):
+    transformer = copy.deepcopy(tiny_pipe.transformer).float()
+    inputs = ql.measure.random_transformer_inputs(transformer.config, 128, 128, 32, dtype=torch.float32)
+    with torch.no_grad():
+        reference = transformer(**inputs)[0]
+        changed = speed.use_sigmoid_gelu(transformer)
+        output = transformer(**inputs)[0]
+    # one in each single-stream block; two in each double-stream block, the image's and the text's feed-forward
+    assert changed == len(transformer.single_transformer_blocks) + 2 * len(transformer.transformer_blocks)
+    assert isinstance(transformer.single_transformer_blocks[0].act_mlp, speed.SigmoidGELU)
+    assert transformer.transformer_blocks[0].ff.net[0].gelu is speed.gelu_tanh_via_sigmoid
+    assert not any(isinstance(m, torch.nn.GELU) for m in transformer.modules())
+    assert ql.measure.sqnr_db(output, reference) > 100  # float32 rounding apart
+    pipe = copy.deepcopy(tiny_pipe)  # the recipe step: rewritten, then compiled (lazily: nothing runs here)
+    speed.apply_speed_recipe(pipe, "bf16+gelu-sigmoid+compile-regional", CPU)
+    block = pipe.transformer.single_transformer_blocks[0]
+    assert isinstance(block.act_mlp, speed.SigmoidGELU) and block._compiled_call_impl is not None
+
+
+def test_the_matmuls_of_a_step_are_timed_shape_by_shape():
+    row = speed.run_matmuls("matmuls-bf16", "tiny", height=64, width=64, text_tokens=16, calls=1, warmup=0,
+                            repeats=1, device="cpu")
+    transformer = ql.models.meta_component("tiny", "transformer")
+    transformer.fuse_qkv_projections()
+    flops = speed.transformer_tflop_per_step(transformer, 64, 64, 16)
+    shapes = row.extra["shapes"]
+    assert row.extra["linear_tflop"] == pytest.approx(flops["linear_tflop"])
+    unused = speed._unused_projections(transformer)  # the unfused q, k, v kept beside the fused ones
+    assert sum(s["count"] for s in shapes) == sum(
+        isinstance(m, torch.nn.Linear) and name not in unused for name, m in transformer.named_modules())
+    assert row.ms_per_step == pytest.approx(sum(s["ms"] * s["count"] for s in shapes))
+    assert {s["rows"] for s in shapes} == {1, 16, 16 + 16}  # modulation, text stream, joined sequence (4x4 patches)
+    with pytest.raises(ql.UnsupportedHardwareError, match="float8"):
+        speed.run_matmuls("matmuls-fp8", "tiny", device="cpu")
+    with pytest.raises(ValueError, match="matmuls-bf16 or matmuls-fp8"):
+        speed.run_matmuls("matmuls-int4", "tiny", device="cpu")
 
 
 def test_attention_alone_is_timed_at_flux_dev_shape_and_checked_against_float32():
