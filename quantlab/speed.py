@@ -458,9 +458,9 @@ _TWO_SQRT_2_OVER_PI = 2 * (2 / 3.141592653589793) ** 0.5
 
 
 def gelu_tanh_via_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """`F.gelu(x, approximate="tanh")`, computed in float32 as x·σ(2z) and returned in x's dtype."""
-    x32 = x.float()
-    return (x32 * torch.sigmoid(_TWO_SQRT_2_OVER_PI * (x32 + 0.044715 * x32 * x32 * x32))).to(x.dtype)
+    """`F.gelu(x, approximate="tanh")` as x·σ(2z): in float32 for 16-bit x, returned in x's dtype."""
+    wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return (wide * torch.sigmoid(_TWO_SQRT_2_OVER_PI * (wide + 0.044715 * wide * wide * wide))).to(x.dtype)
 
 
 class SigmoidGELU(torch.nn.Module):
@@ -471,7 +471,7 @@ class SigmoidGELU(torch.nn.Module):
 
 
 def use_sigmoid_gelu(transformer: torch.nn.Module) -> int:
-    """Compute every tanh GELU of `transformer` as x·σ(2z); returns how many were changed.
+    """Compute every tanh GELU of `transformer` as x·σ(2z); returns how many were changed (0 the second time).
 
     The single-stream blocks hold an `nn.GELU` (`act_mlp`), which is replaced by a SigmoidGELU; the
     feed-forwards of the double-stream blocks hold diffusers' `GELU`, whose projection stays and whose
@@ -485,7 +485,8 @@ def use_sigmoid_gelu(transformer: torch.nn.Module) -> int:
             parent, _, child = name.rpartition(".")
             setattr(transformer.get_submodule(parent), child, SigmoidGELU())
             changed += 1
-        elif isinstance(module, DiffusersGELU) and module.approximate == "tanh":
+        elif (isinstance(module, DiffusersGELU) and module.approximate == "tanh"
+              and module.__dict__.get("gelu") is not gelu_tanh_via_sigmoid):
             module.gelu = gelu_tanh_via_sigmoid
             changed += 1
     return changed
@@ -834,6 +835,7 @@ def run_speed_pipeline(name: str, model: str = "flux-dev-shaped", *, height: int
         extra={"first_image_s": first_image_s,
                "compile_s": first_image_s - timing.per_image.median_s if recipe.compile_mode else None,
                "compiled_region": recipe.compiled_region,
+               "fa3_fwd": metadata.version("fa3-fwd") if recipe.attention in FA3_ATTENTION else None,
                "calibration": (f"make_fast's default: one generation of {CALIBRATION_STEPS} steps of the "
                                f"prompt {CALIBRATION_PROMPT!r}" if recipe.quantization == "float8static-tensor"
                                else None)},
@@ -939,7 +941,13 @@ def run_matmuls(variant: str, model: str = "flux-dev-shaped", *, height: int = 1
         raise ValueError(f"Unknown matmul variant {variant!r}: matmuls-bf16 or matmuls-fp8.")
     device = device or env.default_device()
     info = env.device_info(device)
-    check_speed_recipe("float8dq-tensor" if dtype_name == "fp8" else "bf16", info)
+    if dtype_name == "fp8" and not info.fp8:
+        raise UnsupportedHardwareError(
+            f"{variant} times float8 matmuls, which need a CUDA GPU of compute capability 8.9+ (Ada or Hopper), "
+            f"and this device is {info.label}. Instead: matmuls-bf16.")
+    if dtype_name == "bf16" and not info.bf16:
+        raise UnsupportedHardwareError(f"{variant} times bf16 matmuls, which {info.label} does not run; the "
+                                       "committed H200 rows are in results/06_speed_matmuls_flux-dev-shaped.json.")
     transformer = models.meta_component(model, "transformer")
     transformer.fuse_qkv_projections()
     image_tokens = (height // 16) * (width // 16)
