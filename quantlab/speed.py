@@ -559,6 +559,22 @@ def _unused_projections(transformer: torch.nn.Module) -> set[str]:
             for projection in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
 
 
+def _linear_shapes(transformer: torch.nn.Module, image_tokens: int,
+                   text_tokens: int) -> dict[tuple[int, int, int], int]:
+    """How often one forward pass runs each Linear shape: {(token rows, in_features, out_features): count}.
+
+    Every Linear that runs counts, on the tokens it sees; the unfused projections that
+    fuse_qkv_projections() keeps beside the fused ones do not run.
+    """
+    unused = _unused_projections(transformer)
+    counts: dict[tuple[int, int, int], int] = {}
+    for name, m in transformer.named_modules():
+        if isinstance(m, torch.nn.Linear) and name not in unused:
+            shape = (_tokens_of(name, image_tokens, text_tokens), m.in_features, m.out_features)
+            counts[shape] = counts.get(shape, 0) + 1
+    return counts
+
+
 def transformer_tflop_per_step(transformer: torch.nn.Module, height: int = 1024, width: int = 1024,
                                text_tokens: int = 512) -> dict[str, float]:
     """TFLOP of one forward pass: every Linear on the tokens it sees, plus attention's two matmuls.
@@ -567,11 +583,8 @@ def transformer_tflop_per_step(transformer: torch.nn.Module, height: int = 1024,
     leaves out elementwise work, which is memory-bound rather than compute-bound.
     """
     image_tokens = (height // 16) * (width // 16)
-    unused = _unused_projections(transformer)
-    linear = sum(
-        2 * m.in_features * m.out_features * _tokens_of(name, image_tokens, text_tokens)
-        for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and name not in unused
-    )
+    linear = sum(2 * rows * inputs * outputs * count
+                 for (rows, inputs, outputs), count in _linear_shapes(transformer, image_tokens, text_tokens).items())
     config = transformer.config
     inner = config.num_attention_heads * config.attention_head_dim
     blocks = config.num_layers + config.num_single_layers
@@ -950,13 +963,7 @@ def run_matmuls(variant: str, model: str = "flux-dev-shaped", *, height: int = 1
                                        "committed H200 rows are in results/06_speed_matmuls_flux-dev-shaped.json.")
     transformer = models.meta_component(model, "transformer")
     transformer.fuse_qkv_projections()
-    image_tokens = (height // 16) * (width // 16)
-    unused = _unused_projections(transformer)
-    counts: dict[tuple[int, int, int], int] = {}
-    for name, m in transformer.named_modules():
-        if isinstance(m, torch.nn.Linear) and name not in unused:
-            shape = (_tokens_of(name, image_tokens, text_tokens), m.in_features, m.out_features)
-            counts[shape] = counts.get(shape, 0) + 1
+    counts = _linear_shapes(transformer, (height // 16) * (width // 16), text_tokens)
     generator = torch.Generator("cpu").manual_seed(seed)
     shapes, total_s = [], 0.0
     by_flops = sorted(counts.items(), key=lambda item: -item[0][0] * item[0][1] * item[0][2])
@@ -978,7 +985,7 @@ def run_matmuls(variant: str, model: str = "flux-dev-shaped", *, height: int = 1
         shapes.append({"rows": rows, "in_features": inputs, "out_features": outputs, "count": count,
                        "ms": call_s * 1e3, "tflops": 2 * rows * inputs * outputs / call_s / 1e12})
         del a, w, bias, matmul
-    linear_tflop = sum(2 * r * i * o * c for (r, i, o), c in counts.items()) / 1e12
+    linear_tflop = transformer_tflop_per_step(transformer, height, width, text_tokens)["linear_tflop"]
     call = "torch._scaled_mm, per-tensor scales, fast accumulation" if dtype_name == "fp8" else "F.linear"
     return measure.new_row(
         model, variant, info, height=height, width=width, ms_per_step=total_s * 1e3, repeats=repeats,

@@ -290,6 +290,8 @@ def test_the_matmuls_of_a_step_are_timed_shape_by_shape():
     flops = speed.transformer_tflop_per_step(transformer, 64, 64, 8)
     shapes = row.extra["shapes"]
     assert row.extra["linear_tflop"] == pytest.approx(flops["linear_tflop"])
+    assert sum(2 * s["rows"] * s["in_features"] * s["out_features"] * s["count"] for s in shapes) / 1e12 == (
+        pytest.approx(flops["linear_tflop"]))  # the shapes timed are the step's Linears
     unused = speed._unused_projections(transformer)  # the unfused q, k, v kept beside the fused ones
     assert sum(s["count"] for s in shapes) == sum(
         isinstance(m, torch.nn.Linear) and name not in unused for name, m in transformer.named_modules())
