@@ -2,14 +2,14 @@
 
 Notebooks import it as ``import quantlab as ql`` and call ``ql.models``, ``ql.recipes``,
 ``ql.measure``, ``ql.viz`` and ``ql.env``, and a module per topic (``ql.bnb``, ``ql.gguf``,
-``ql.torchao``, ``ql.quanto``, ``ql.memory``, ``ql.speed``, ``ql.compare``, ``ql.plan``, ``ql.lowram``); the
+``ql.torchao``, ``ql.quanto``, ``ql.memory``, ``ql.speed`` (with its Triton kernel in ``ql.kernels``), ``ql.compare``, ``ql.plan``, ``ql.lowram``); the
 most used functions are also here at the top.
 """
 
 import importlib
 
-from . import (bnb, compare, env, gguf, gguf_quants, measure, memory, models, plan, quanto, recipes, shapes, speed,
-               torchao, viz)
+from . import (bnb, compare, env, gguf, gguf_quants, kernels, measure, memory, models, plan, quanto, recipes, shapes,
+               speed, torchao, viz)
 from .env import report
 from .models import ModelUnavailableError, get_model, list_models, model_path
 from .recipes import UnsupportedHardwareError, check_runs_here, get_recipe, list_recipes, load_pipeline
@@ -25,6 +25,7 @@ __all__ = [
     "env",
     "gguf",
     "gguf_quants",
+    "kernels",
     "lowram",
     "measure",
     "memory",

@@ -2,12 +2,13 @@
 
 A speed recipe is a `+`-joined name: the weights first (`bf16`, or a torchao config that quantizes
 the activations too), then any of `fused-qkv`, `attn-<backend>`, `compile[-regional][-<mode>]`,
-`inductor-flags`, `gelu-sigmoid`, `cuda-graph` and `vae-channels-last`. For example
+`inductor-flags`, `gelu-sigmoid`, `rope-kernel`, `cuda-graph` and `vae-channels-last`. For example
 `float8dq-row+fused-qkv+attn-cudnn+compile-regional+cuda-graph`. `apply_speed_recipe` always applies
 them in one order: fused QKV, the attention, the GELU, the weights' quantization (which static fp8
 calibrates through the attention that will run), the inductor flags, the compile, the CUDA graph, the VAE.
 `attn-fa3` and `attn-fa3-fp8` run attention through FlashAttention-3 (`FlashAttention3Processor`,
-Hopper GPUs, the fa3-fwd package).
+Hopper GPUs, the fa3-fwd package); with `attn-fa3-fp8` and `fused-qkv`, `rope-kernel` computes what comes
+between the QKV projection and FA3 in one hand-written Triton kernel (`quantlab.kernels`).
 `apply_speed_recipe` applies one to a pipeline (or a bare transformer) with the real diffusers,
 torchao and torch calls; `make_fast` applies the fastest measured recipe that runs here.
 `python -m quantlab.speed` times recipes on a transformer alone: one denoising step is one
@@ -31,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import env, measure, models
+from . import env, kernels, measure, models
 from .recipes import UnsupportedHardwareError
 
 __all__ = [
@@ -131,6 +132,7 @@ class SpeedRecipe:
     regional: bool = False  # compile_repeated_blocks() rather than the whole transformer
     inductor_flags: bool = False  # INDUCTOR_FLAGS, set process-wide before compiling
     gelu_sigmoid: bool = False  # GELU(tanh) computed as x·σ(2z), the same function (SigmoidGELU)
+    rope_kernel: bool = False  # q/k RMSNorm, RoPE and the fp8 casts in one Triton kernel (kernels.qk_norm_rope_fp8)
     cuda_graph: bool = False  # record the transformer's forward pass once and replay it (CudaGraphForward)
     vae_channels_last: bool = False
 
@@ -164,6 +166,8 @@ def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
             recipe = replace(recipe, inductor_flags=True)
         elif step == "gelu-sigmoid":
             recipe = replace(recipe, gelu_sigmoid=True)
+        elif step == "rope-kernel":
+            recipe = replace(recipe, rope_kernel=True)
         elif step == "vae-channels-last":
             recipe = replace(recipe, vae_channels_last=True)
         elif step.startswith("attn-") and (step[5:] in ATTENTION_BACKENDS or step[5:] in FA3_ATTENTION):
@@ -180,13 +184,16 @@ def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
                 f"Unknown step {step!r} in speed recipe {name!r}. Steps: fused-qkv, "
                 f"attn-{{{','.join((*ATTENTION_BACKENDS, *FA3_ATTENTION))}}}, "
                 f"compile[-regional][-{{{','.join(COMPILE_MODES)}}}], "
-                "inductor-flags, gelu-sigmoid, cuda-graph, vae-channels-last."
+                "inductor-flags, gelu-sigmoid, rope-kernel, cuda-graph, vae-channels-last."
             )
     if recipe.inductor_flags and not recipe.compile_mode:
         raise ValueError(f"Speed recipe {name!r}: inductor-flags set how torch.compile compiles; add a compile step.")
     if recipe.gelu_sigmoid and not recipe.compile_mode:
         raise ValueError(f"Speed recipe {name!r}: gelu-sigmoid rewrites the GELU for the kernels torch.compile "
                          "generates; eager, it only adds kernel launches. Add a compile step.")
+    if recipe.rope_kernel and not (recipe.attention == "fa3-fp8" and recipe.fuse_qkv):
+        raise ValueError(f"Speed recipe {name!r}: rope-kernel reads the fused QKV projection and writes fp8 q, k and v "
+                         "for FlashAttention-3: add fused-qkv and attn-fa3-fp8.")
     if recipe.cuda_graph and recipe.compile_mode and not recipe.regional:
         raise ValueError(
             f"Speed recipe {name!r}: cuda-graph records the transformer's forward pass, which a whole-model "
@@ -237,6 +244,12 @@ def check_speed_recipe(recipe: str | SpeedRecipe, device: env.DeviceInfo | None 
                 f"forward-only build with `pip install {FA3_REQUIREMENT}` (a CUDA 13 wheel for torch 2.10+; or "
                 "`pip install -e .[hopper]`), or use attn-cudnn, PyTorch's own fastest kernel on Hopper."
             )
+    problem = kernels.triton_problem() if recipe.rope_kernel and packages else None
+    if problem:
+        raise UnsupportedHardwareError(
+            f"Speed recipe {recipe.name!r}: rope-kernel is a Triton kernel for CUDA GPUs, and {problem}. Instead: "
+            "leave out rope-kernel; torch.compile fuses the same steps into its own kernels."
+        )
     if recipe.attention in _AMPERE_ATTENTION and cc is not None and cc < (8, 0):
         raise UnsupportedHardwareError(
             f"Speed recipe {recipe.name!r}: the {recipe.attention} attention kernel needs compute capability 8.0+, "
@@ -304,7 +317,8 @@ def apply_speed_recipe(pipe, recipe: str | SpeedRecipe, device: env.DeviceInfo |
     if recipe.fuse_qkv:  # before quantizing, so that the fused Linear is the one quantized
         transformer.fuse_qkv_projections()
     if recipe.attention in FA3_ATTENTION:  # before calibrating, so that the observers see what will run
-        transformer.set_attn_processor(FlashAttention3Processor(fp8=recipe.attention == "fa3-fp8"))
+        transformer.set_attn_processor(FlashAttention3Processor(fp8=recipe.attention == "fa3-fp8",
+                                                                rope_kernel=recipe.rope_kernel))
     elif recipe.attention:
         transformer.set_attention_backend(ATTENTION_BACKENDS[recipe.attention])
     if recipe.gelu_sigmoid:
@@ -402,14 +416,19 @@ class FlashAttention3Processor:
     RMSNorm, q and k sit far inside e4m3's ±448 (v is not normalized: the cast clips it there). FA3
     then runs both attention matmuls in fp8 on Hopper's tensor cores (twice the bf16 rate) and returns
     bf16. Install it on every attention layer with
-    `transformer.set_attn_processor(FlashAttention3Processor(fp8=True))`.
+    `transformer.set_attn_processor(FlashAttention3Processor(fp8=True))`. With `rope_kernel=True` too, and
+    fused projections, the RMSNorms, the RoPE and the casts run in one Triton kernel instead
+    (`kernels.qk_norm_rope_fp8`), which rounds where diffusers' code does.
     """
 
     _attention_backend = None  # diffusers' set_attention_backend() sets these on every processor;
     _parallel_config = None  # this one always calls FA3, and runs on one GPU
 
-    def __init__(self, fp8: bool = False):
+    def __init__(self, fp8: bool = False, rope_kernel: bool = False):
+        if rope_kernel and not fp8:
+            raise ValueError("rope_kernel=True writes q, k and v in fp8: use it with fp8=True.")
         self.fp8 = fp8
+        self.rope_kernel = rope_kernel
 
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Attention over (batch, tokens, heads, head_dim) tensors, returned in the same layout."""
@@ -421,11 +440,38 @@ class FlashAttention3Processor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
+        if attention_mask is not None:
+            raise ValueError("FlashAttention3Processor takes no attention mask; FLUX.1 passes none.")
+        if self.rope_kernel:
+            qkv = self._rope_kernel_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+            hidden_states = self.attention(*qkv).flatten(2, 3).to(hidden_states.dtype)
+        else:
+            hidden_states = self._unfused_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        if encoder_hidden_states is None:
+            return hidden_states
+        text_tokens = encoder_hidden_states.shape[1]
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [text_tokens, hidden_states.shape[1] - text_tokens], dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+    @staticmethod
+    def _rope_kernel_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+        """fp8 q, k and v from the fused projections, by `kernels.qk_norm_rope_fp8` (one Triton kernel per stream)."""
+        if not attn.fused_projections or image_rotary_emb is None:
+            raise ValueError("rope_kernel=True reads the fused QKV projection and applies FLUX's rotary embedding: "
+                             "call transformer.fuse_qkv_projections() first, and pass image_rotary_emb.")
+        text = ()
+        if attn.added_kv_proj_dim is not None:  # a double-stream block: the text stream goes first
+            text = (attn.to_added_qkv(encoder_hidden_states), attn.norm_added_q, attn.norm_added_k)
+        return kernels.qk_norm_rope_fp8(attn.to_qkv(hidden_states), attn.norm_q, attn.norm_k, image_rotary_emb,
+                                        attn.heads, *text)
+
+    def _unfused_attention(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+        """diffusers' steps from the projections to the attention output, with FA3 (or fp8 FA3) in the middle."""
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-        if attention_mask is not None:
-            raise ValueError("FlashAttention3Processor takes no attention mask; FLUX.1 passes none.")
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states)
         query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
@@ -440,14 +486,7 @@ class FlashAttention3Processor:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        hidden_states = self.attention(query, key, value).flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return hidden_states
-        text_tokens = encoder_hidden_states.shape[1]
-        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-            [text_tokens, hidden_states.shape[1] - text_tokens], dim=1)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+        return self.attention(query, key, value).flatten(2, 3).to(query.dtype)
 
 
 # GELU's tanh approximation is 0.5·x·(1 + tanh(z)) with z = √(2/π)·(x + 0.044715·x³). Since
@@ -664,6 +703,7 @@ def speed_table(results: tuple[str, ...] = SPEED_RESULTS, pipeline_results: tupl
 # activations of one), so Triton kernels are filed first: templates (`triton_tem_`) are matmuls, the
 # rest fused elementwise work. Then attention, since some attention kernels have "gemm" in their names.
 KERNEL_KINDS = (
+    ("rope kernel", ("qk_norm_rope",)),  # quantlab.kernels' own Triton kernel (rope-kernel)
     ("matmul", ("triton_tem_",)),
     ("fused by inductor", ("triton_",)),
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "scaled_dot_product")),
@@ -673,7 +713,7 @@ KERNEL_KINDS = (
 
 
 def kernel_kind(name: str) -> str:
-    """'attention', 'matmul', 'fused by inductor' or 'other', for a kernel or operator name."""
+    """'attention', 'matmul', 'fused by inductor', 'rope kernel' or 'other', for a kernel or operator name."""
     lowered = name.lower()
     return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
 

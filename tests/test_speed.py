@@ -15,7 +15,8 @@ H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), bf16=True, fp8=True)
 T4 = DeviceInfo("cuda", "Tesla T4", (7, 5), bf16=False, fp8=False)
 CPU = DeviceInfo("cpu", "CPU (x86_64, 2 cores)")
 L40S = DeviceInfo("cuda", "NVIDIA L40S", (8, 9), bf16=True, fp8=True)
-FASTEST_ON_HOPPER = "float8static-tensor+fused-qkv+attn-fa3-fp8+gelu-sigmoid+compile-regional+cuda-graph"  # measured on an H200
+FASTEST_ON_HOPPER = "float8static-tensor+fused-qkv+attn-fa3-fp8+gelu-sigmoid+rope-kernel+compile-regional+cuda-graph"  # H200
+FASTEST_WITHOUT_TRITON = FASTEST_ON_HOPPER.replace("+rope-kernel", "")  # the fastest before the rope kernel
 FASTEST_WITHOUT_FA3 = "float8dq-row+fused-qkv+attn-cudnn+compile-regional+cuda-graph"
 
 
@@ -23,6 +24,12 @@ FASTEST_WITHOUT_FA3 = "float8dq-row+fused-qkv+attn-cudnn+compile-regional+cuda-g
 def fa3_installed(monkeypatch):
     """Pretend the fa3-fwd package is installed and loads (it loads only where a CUDA 13 runtime is)."""
     monkeypatch.setattr(speed, "_fa3_problem", lambda: None)
+
+
+@pytest.fixture
+def triton_installed(monkeypatch):
+    """Pretend Triton and a CUDA GPU are here, for the rope kernel (PyTorch's CUDA builds bring Triton)."""
+    monkeypatch.setattr(speed.kernels, "triton_problem", lambda: None)
 
 
 @pytest.fixture
@@ -147,7 +154,7 @@ def test_compile_time_is_paid_back_after_the_break_even_image():
     assert speed.break_even_images(compile_s=100.0, eager_s_per_image=7.0, compiled_s_per_image=9.0) is None
 
 
-def test_the_fastest_measured_recipe_depends_on_the_device(fa3_installed):
+def test_the_fastest_measured_recipe_depends_on_the_device(fa3_installed, triton_installed):
     assert speed.fastest_recipe(H100) == FASTEST_ON_HOPPER
     assert speed.fastest_recipe(L40S) == FASTEST_WITHOUT_FA3  # fp8, but FA3 is for Hopper only
     # without fp8, whole and regional bf16 compiles are within 1% (134 and 135 ms): the one that compiles
@@ -162,7 +169,12 @@ def test_without_fa3_installed_the_fastest_recipe_is_the_fastest_without_it(fa3_
     assert speed.fastest_recipe(H100, packages=False) == FASTEST_ON_HOPPER  # the hardware alone
 
 
-def test_fa3_needs_hopper_and_its_package(fa3_installed, monkeypatch):
+def test_without_triton_the_fastest_recipe_leaves_out_the_rope_kernel(fa3_installed, monkeypatch):
+    monkeypatch.setattr(speed.kernels, "triton_problem", lambda: "Triton is not installed")
+    assert speed.fastest_recipe(H100) == FASTEST_WITHOUT_TRITON
+
+
+def test_fa3_needs_hopper_and_its_package(fa3_installed, triton_installed, monkeypatch):
     recipe = speed.parse_speed_recipe(FASTEST_ON_HOPPER)
     assert (recipe.quantization, recipe.attention, recipe.fp8) == ("float8static-tensor", "fa3-fp8", True)
     assert speed.parse_speed_recipe("bf16+attn-fa3").attention == "fa3"
@@ -195,8 +207,8 @@ class SdpaInPlaceOfFa3(speed.FlashAttention3Processor):
     """The FA3 processor with PyTorch's attention where FA3 would run, and fp8 emulated by rounding."""
 
     def attention(self, query, key, value):
-        if self.fp8:
-            query, key, value = (x.to(torch.float8_e4m3fn).to(query.dtype) for x in (query, key, value))
+        if self.fp8:  # the rope kernel's q, k and v arrive in fp8 already; these tests run in float32
+            query, key, value = (x.to(torch.float8_e4m3fn).float() for x in (query, key, value))
         return torch.nn.functional.scaled_dot_product_attention(
             *(x.transpose(1, 2) for x in (query, key, value))).transpose(1, 2)
 
@@ -218,6 +230,96 @@ def test_the_fa3_processor_is_diffusers_flux_attention_around_another_kernel(tin
     assert len(transformer.attn_processors) == blocks  # every double- and single-stream block
     assert torch.equal(same, reference)  # every step around the attention call is diffusers' own
     assert 30 < ql.measure.sqnr_db(rounded, reference) < 60  # e4m3 keeps 3 mantissa bits of q, k and v
+
+
+def test_the_rope_kernel_step_needs_fused_qkv_fp8_fa3_and_triton(fa3_installed, monkeypatch):
+    name = "float8static-tensor+fused-qkv+attn-fa3-fp8+rope-kernel+compile-regional+cuda-graph"
+    assert speed.parse_speed_recipe(name).rope_kernel
+    for without in ("+fused-qkv", "+attn-fa3-fp8"):
+        with pytest.raises(ValueError, match="add fused-qkv and attn-fa3-fp8"):
+            speed.parse_speed_recipe(name.replace(without, ""))
+    monkeypatch.setattr(speed.kernels, "triton_problem", lambda: "Triton is not installed")
+    with pytest.raises(ql.UnsupportedHardwareError, match="rope-kernel is a Triton kernel.*Triton is not installed"):
+        speed.check_speed_recipe(name, H100)
+    speed.check_speed_recipe(name, H100, packages=False)  # the hardware alone would run it
+    monkeypatch.setattr(speed.kernels, "triton_problem", lambda: None)
+    speed.check_speed_recipe(name, H100)
+
+
+def test_the_processor_gives_the_rope_kernel_each_stream_with_its_norms(tiny_pipe, monkeypatch):
+    """The kernel's own arithmetic is checked on a GPU (test_the_rope_kernel_matches_diffusers_on_a_gpu)."""
+    transformer = copy.deepcopy(tiny_pipe.transformer).float()
+    inputs = ql.measure.random_transformer_inputs(transformer.config, 128, 128, 32, dtype=torch.float32)
+    with pytest.raises(ValueError, match="use it with fp8=True"):
+        SdpaInPlaceOfFa3(fp8=False, rope_kernel=True)
+    calls = []
+
+    def reference(*args, **kwargs):  # what the kernel computes, in PyTorch
+        calls.append(len(args))
+        return ql.kernels.qk_norm_rope_reference(*args, **kwargs)
+
+    monkeypatch.setattr(speed.kernels, "qk_norm_rope_fp8", reference)
+    with torch.no_grad():
+        transformer.set_attn_processor(SdpaInPlaceOfFa3(fp8=True, rope_kernel=True))
+        with pytest.raises(ValueError, match="fuse_qkv_projections"):
+            transformer(**inputs)
+        transformer.fuse_qkv_projections()
+        fused = transformer(**inputs)[0]
+        transformer.set_attn_processor(SdpaInPlaceOfFa3(fp8=True))
+        unfused = transformer(**inputs)[0]
+    double, single = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
+    assert calls == [8] * double + [5] * single  # the double-stream blocks pass their text stream and its norms
+    assert torch.equal(fused, unfused)
+
+
+@pytest.mark.skipif(ql.kernels.triton_problem() is not None, reason="a Triton kernel: needs Triton and a CUDA GPU")
+@pytest.mark.parametrize("text_tokens", [0, 40])
+def test_the_rope_kernel_matches_diffusers_on_a_gpu(text_tokens):
+    heads, head_dim, image_tokens = 3, 128, 70  # token counts that leave a partial block of BLOCK_TOKENS
+    generator = torch.Generator("cpu").manual_seed(0)
+    norms = [torch.nn.RMSNorm(head_dim, eps=1e-6) for _ in range(4)]
+    for norm in norms:
+        norm.weight.data = torch.rand(head_dim, generator=generator) + 0.5
+        norm.to("cuda", torch.bfloat16)
+    qkv, text = (torch.randn(2, n, 3 * heads * head_dim, generator=generator).to("cuda", torch.bfloat16) * 3
+                 for n in (image_tokens, text_tokens))
+    angles = torch.rand(text_tokens + image_tokens, head_dim // 2, generator=generator) * 6
+    rotary = tuple(f(angles).repeat_interleave(2, dim=1).cuda() for f in (torch.cos, torch.sin))
+    streams = dict(text_qkv=text, text_q_norm=norms[2], text_k_norm=norms[3]) if text_tokens else {}
+    with torch.no_grad():
+        outputs = ql.kernels.qk_norm_rope_fp8(qkv, norms[0], norms[1], rotary, heads, **streams)
+        references = ql.kernels.qk_norm_rope_reference(qkv, norms[0], norms[1], rotary, heads, **streams)
+    for output, reference in zip(outputs, references):
+        assert output.shape == (2, text_tokens + image_tokens, heads, head_dim) and output.dtype == torch.float8_e4m3fn
+        output, reference = output.float(), reference.float()
+        differ = output != reference
+        assert differ.float().mean() < 2e-3  # float32 sums in another order flip a rounding now and then
+        assert ((output - reference).abs()[differ] <= reference.abs()[differ] / 8 + 2**-9).all()  # by one fp8 step
+    assert torch.equal(outputs[2].float(), references[2].float())  # v is a plain cast
+
+
+@pytest.mark.skipif(ql.kernels.triton_problem() is not None, reason="a Triton kernel: needs Triton and a CUDA GPU")
+def test_the_rope_kernel_compiles_in_one_graph_to_what_it_gives_eagerly():
+    """Inside a compiled block, torch.compile traces the launch (fullgraph: no break) and runs the same kernel."""
+    heads, head_dim, tokens = 2, 128, 48
+    norm = torch.nn.RMSNorm(head_dim, eps=1e-6).to("cuda", torch.bfloat16)
+    qkv = torch.randn(1, tokens, 3 * heads * head_dim, device="cuda", dtype=torch.bfloat16)
+    rotary = (torch.ones(tokens, head_dim, device="cuda"), torch.zeros(tokens, head_dim, device="cuda"))
+    compiled = torch.compile(ql.kernels.qk_norm_rope_fp8, fullgraph=True)
+    for eager, traced in zip(ql.kernels.qk_norm_rope_fp8(qkv, norm, norm, rotary, heads),
+                             compiled(qkv, norm, norm, rotary, heads)):
+        assert torch.equal(eager.view(torch.uint8), traced.view(torch.uint8))
+
+
+def test_the_rope_kernel_checks_its_arguments_then_says_what_it_needs_where_it_cannot_run():
+    norm, other_eps = torch.nn.RMSNorm(128, eps=1e-6), torch.nn.RMSNorm(128, eps=1e-5)
+    qkv, rotary = torch.zeros(1, 4, 384), (torch.ones(4, 128), torch.zeros(4, 128))
+    with pytest.raises(ValueError, match=r"shape \(3, 128\); the tokens and head_dim want \(4, 128\)"):
+        ql.kernels.qk_norm_rope_fp8(qkv, norm, norm, tuple(x[:3] for x in rotary), 1)
+    with pytest.raises(ValueError, match="one RMSNorm eps.*1e-06, another 1e-05"):
+        ql.kernels.qk_norm_rope_fp8(qkv, norm, other_eps, rotary, 1)
+    with pytest.raises(RuntimeError, match="Triton kernel for CUDA GPUs.*Instead: qk_norm_rope_reference"):
+        ql.kernels.qk_norm_rope_fp8(qkv, norm, norm, rotary, 1)  # CPU tensors, here or on a GPU machine
 
 
 def test_static_fp8_observes_then_quantizes_every_linear_that_runs(tiny_pipe):
@@ -395,6 +497,7 @@ def test_kernel_kinds_name_gpu_kernels_and_cpu_operators():
     assert speed.kernel_kind("triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention_") == \
         "fused by inductor"
     assert speed.kernel_kind("triton_tem_fused_addmm_0") == "matmul"
+    assert speed.kernel_kind("_qk_norm_rope_fp8_kernel") == "rope kernel"
     assert speed.kernel_kind("aten::addmm") == "matmul" and speed.kernel_kind("aten::copy_") == "other"
 
 
