@@ -10,7 +10,8 @@ and writes it first, as diffusers' `torch.cat([text, image])` does.
 It rounds where diffusers does: RMSNorm's output and RoPE's output to the activations' dtype, then fp8. So
 its outputs are what the unfused code gives, up to the order of float32 additions.
 
-Triton compiles it for CUDA GPUs; where Triton or a CUDA GPU is missing, `triton_problem()` says why.
+Triton compiles it for CUDA GPUs of compute capability 8.9+ (fp8); where Triton or such a GPU is missing,
+`triton_problem()` says why.
 `FlashAttention3Processor(fp8=True, rope_kernel=True)` in `quantlab.speed` calls it.
 """
 
@@ -29,12 +30,16 @@ NUM_WARPS = 4  # warps per program
 _TRITON = importlib.util.find_spec("triton") is not None
 
 
-def triton_problem() -> str | None:
-    """Why the kernel cannot run here ('Triton is not installed', 'no CUDA GPU'), or None."""
+def triton_problem(device: torch.device | str | None = None) -> str | None:
+    """Why the kernel cannot run here ('Triton is not installed', 'no CUDA GPU', the GPU's generation), or None."""
     if not _TRITON:
         return "Triton is not installed (it comes with PyTorch's CUDA builds)"
     if not torch.cuda.is_available():
         return "there is no CUDA GPU here"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return (f"this GPU is of compute capability {major}.{minor}, and the kernel writes fp8, which Triton "
+                "compiles for 8.9+ (Ada, Hopper)")
     return None
 
 
@@ -109,10 +114,14 @@ def qk_norm_rope_fp8(qkv: torch.Tensor, q_norm: torch.nn.Module, k_norm: torch.n
         if norm is not None and _eps(norm, qkv.dtype) != eps:
             raise ValueError(f"The kernel takes one RMSNorm eps, and q's norm has {eps}, another {norm.eps}. "
                              "Instead: qk_norm_rope_reference.")
-    if not (_TRITON and qkv.is_cuda):  # no triton_problem() here: torch.compile traces this function
+    if not (_TRITON and qkv.is_cuda):  # checks that torch.compile can trace
         problem = "Triton is not installed" if not _TRITON else f"the tensors are on {qkv.device.type}"
         raise RuntimeError(f"qk_norm_rope_fp8 is a Triton kernel for CUDA GPUs, and {problem}. Instead: "
                            "qk_norm_rope_reference, the same computation in PyTorch.")
+    problem = None if torch.compiler.is_compiling() else triton_problem(qkv.device)  # eager: the GPU's generation
+    if problem:
+        raise RuntimeError(f"qk_norm_rope_fp8 cannot run here: {problem}. Instead: qk_norm_rope_reference, the same "
+                           "computation in PyTorch.")
     cos, sin = cos.contiguous(), sin.contiguous()
     q, k, v = (torch.empty(batch, text_tokens + image_tokens, heads, head_dim, dtype=out_dtype, device=qkv.device)
                for _ in range(3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -270,6 +271,19 @@ def test_the_processor_gives_the_rope_kernel_each_stream_with_its_norms(tiny_pip
     double, single = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
     assert calls == [8] * double + [5] * single  # the double-stream blocks pass their text stream and its norms
     assert torch.equal(fused, unfused)
+
+
+def test_the_rope_kernel_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(ql.kernels, "_TRITON", False)
+    assert "Triton is not installed" in ql.kernels.triton_problem()
+    monkeypatch.setattr(ql.kernels, "_TRITON", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ql.kernels.triton_problem() == "there is no CUDA GPU here"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
+    assert re.search(r"compute capability 7\.5, and the kernel writes fp8.*8\.9\+", ql.kernels.triton_problem())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100 or H200
+    assert ql.kernels.triton_problem() is None
 
 
 @pytest.mark.skipif(ql.kernels.triton_problem() is not None, reason="a Triton kernel: needs Triton and a CUDA GPU")
