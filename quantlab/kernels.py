@@ -105,6 +105,9 @@ def qk_norm_rope_fp8(qkv: torch.Tensor, q_norm: torch.nn.Module, k_norm: torch.n
     cos, sin = rotary
     batch, image_tokens, width = qkv.shape
     head_dim = width // 3 // heads
+    if width != 3 * heads * head_dim or head_dim & (head_dim - 1):
+        raise ValueError(f"qkv's last dimension ({width}) must be 3 × {heads} heads × a head_dim that is a power of "
+                         "two (FLUX's is 128). Instead: qk_norm_rope_reference.")
     text_tokens = 0 if text_qkv is None else text_qkv.shape[1]
     if cos.shape != (text_tokens + image_tokens, head_dim) or sin.shape != cos.shape:
         raise ValueError(f"rotary holds cos and sin of shape {tuple(cos.shape)}; the tokens and head_dim want "
@@ -114,7 +117,7 @@ def qk_norm_rope_fp8(qkv: torch.Tensor, q_norm: torch.nn.Module, k_norm: torch.n
         if norm is not None and _eps(norm, qkv.dtype) != eps:
             raise ValueError(f"The kernel takes one RMSNorm eps, and q's norm has {eps}, another {norm.eps}. "
                              "Instead: qk_norm_rope_reference.")
-    if not (_TRITON and qkv.is_cuda):  # checks that torch.compile can trace
+    if not (_TRITON and qkv.is_cuda):  # a check torch.compile traces; triton_problem() below runs only eagerly
         problem = "Triton is not installed" if not _TRITON else f"the tensors are on {qkv.device.type}"
         raise RuntimeError(f"qk_norm_rope_fp8 is a Triton kernel for CUDA GPUs, and {problem}. Instead: "
                            "qk_norm_rope_reference, the same computation in PyTorch.")

@@ -330,6 +330,10 @@ def test_the_rope_kernel_checks_its_arguments_then_says_what_it_needs_where_it_c
     qkv, rotary = torch.zeros(1, 4, 384), (torch.ones(4, 128), torch.zeros(4, 128))
     with pytest.raises(ValueError, match=r"shape \(3, 128\); the tokens and head_dim want \(4, 128\)"):
         ql.kernels.qk_norm_rope_fp8(qkv, norm, norm, tuple(x[:3] for x in rotary), 1)
+    with pytest.raises(ValueError, match=r"last dimension \(288\) must be 3 × 1 heads × a head_dim that is a power"):
+        ql.kernels.qk_norm_rope_fp8(torch.zeros(1, 4, 288), norm, norm, rotary, 1)  # a head_dim of 96
+    with pytest.raises(ValueError, match=r"last dimension \(384\) must be 3 × 5 heads"):
+        ql.kernels.qk_norm_rope_fp8(qkv, norm, norm, rotary, 5)  # 384 is not a multiple of 15
     with pytest.raises(ValueError, match="one RMSNorm eps.*1e-06, another 1e-05"):
         ql.kernels.qk_norm_rope_fp8(qkv, norm, other_eps, rotary, 1)
     with pytest.raises(RuntimeError, match="Triton kernel for CUDA GPUs.*Instead: qk_norm_rope_reference"):
