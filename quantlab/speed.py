@@ -442,11 +442,9 @@ class FlashAttention3Processor:
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
         if attention_mask is not None:
             raise ValueError("FlashAttention3Processor takes no attention mask; FLUX.1 passes none.")
-        if self.rope_kernel:
-            qkv = self._rope_kernel_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-            hidden_states = self.attention(*qkv).flatten(2, 3).to(hidden_states.dtype)
-        else:
-            hidden_states = self._unfused_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        qkv = (self._rope_kernel_qkv if self.rope_kernel else self._unfused_qkv)(
+            attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        hidden_states = self.attention(*qkv).flatten(2, 3).to(hidden_states.dtype)
         if encoder_hidden_states is None:
             return hidden_states
         text_tokens = encoder_hidden_states.shape[1]
@@ -467,8 +465,9 @@ class FlashAttention3Processor:
         return kernels.qk_norm_rope_fp8(attn.to_qkv(hidden_states), attn.norm_q, attn.norm_k, image_rotary_emb,
                                         attn.heads, *text)
 
-    def _unfused_attention(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
-        """diffusers' steps from the projections to the attention output, with FA3 (or fp8 FA3) in the middle."""
+    @staticmethod
+    def _unfused_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+        """q, k and v for the attention call, by diffusers' steps: projections, RMSNorms, streams joined, RoPE."""
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
@@ -486,7 +485,7 @@ class FlashAttention3Processor:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        return self.attention(query, key, value).flatten(2, 3).to(query.dtype)
+        return query, key, value
 
 
 # GELU's tanh approximation is 0.5·x·(1 + tanh(z)) with z = √(2/π)·(x + 0.044715·x³). Since
