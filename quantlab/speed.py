@@ -2,13 +2,16 @@
 
 A speed recipe is a `+`-joined name: the weights first (`bf16`, or a torchao config that quantizes
 the activations too), then any of `fused-qkv`, `attn-<backend>`, `compile[-regional][-<mode>]`,
-`inductor-flags`, `gelu-sigmoid`, `rope-kernel`, `cuda-graph` and `vae-channels-last`. For example
-`float8dq-row+fused-qkv+attn-cudnn+compile-regional+cuda-graph`. `apply_speed_recipe` always applies
-them in one order: fused QKV, the attention, the GELU, the weights' quantization (which static fp8
-calibrates through the attention that will run), the inductor flags, the compile, the CUDA graph, the VAE.
+`inductor-flags`, `gelu-sigmoid`, `rope-kernel`, `single-block-kernels`, `cuda-graph` and
+`vae-channels-last`. For example `float8dq-row+fused-qkv+attn-cudnn+compile-regional+cuda-graph`.
+`apply_speed_recipe` always applies them in one order: fused QKV, the attention, the GELU, the weights'
+quantization (which static fp8 calibrates through the attention that will run), the single-block kernels,
+the inductor flags, the compile, the CUDA graph, the VAE.
 `attn-fa3` and `attn-fa3-fp8` run attention through FlashAttention-3 (`FlashAttention3Processor`,
 Hopper GPUs, the fa3-fwd package); with `attn-fa3-fp8` and `fused-qkv`, `rope-kernel` computes what comes
-between the QKV projection and FA3 in one hand-written Triton kernel (`quantlab.kernels`).
+between the QKV projection and FA3 in one hand-written Triton kernel (`quantlab.kernels`), and with
+static fp8 too, `single-block-kernels` runs the single-stream blocks' LayerNorm and GELU, each with its
+fp8 casts, in two more (`use_single_block_kernels`).
 `apply_speed_recipe` applies one to a pipeline (or a bare transformer) with the real diffusers,
 torchao and torch calls; `make_fast` applies the fastest measured recipe that runs here.
 `python -m quantlab.speed` times recipes on a transformer alone: one denoising step is one
@@ -133,6 +136,7 @@ class SpeedRecipe:
     inductor_flags: bool = False  # INDUCTOR_FLAGS, set process-wide before compiling
     gelu_sigmoid: bool = False  # GELU(tanh) computed as x·σ(2z), the same function (SigmoidGELU)
     rope_kernel: bool = False  # q/k RMSNorm, RoPE and the fp8 casts in one Triton kernel (kernels.qk_norm_rope_fp8)
+    single_block_kernels: bool = False  # the single-stream blocks' norm and GELU in Triton (use_single_block_kernels)
     cuda_graph: bool = False  # record the transformer's forward pass once and replay it (CudaGraphForward)
     vae_channels_last: bool = False
 
@@ -168,6 +172,8 @@ def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
             recipe = replace(recipe, gelu_sigmoid=True)
         elif step == "rope-kernel":
             recipe = replace(recipe, rope_kernel=True)
+        elif step == "single-block-kernels":
+            recipe = replace(recipe, single_block_kernels=True)
         elif step == "vae-channels-last":
             recipe = replace(recipe, vae_channels_last=True)
         elif step.startswith("attn-") and (step[5:] in ATTENTION_BACKENDS or step[5:] in FA3_ATTENTION):
@@ -184,7 +190,7 @@ def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
                 f"Unknown step {step!r} in speed recipe {name!r}. Steps: fused-qkv, "
                 f"attn-{{{','.join((*ATTENTION_BACKENDS, *FA3_ATTENTION))}}}, "
                 f"compile[-regional][-{{{','.join(COMPILE_MODES)}}}], "
-                "inductor-flags, gelu-sigmoid, rope-kernel, cuda-graph, vae-channels-last."
+                "inductor-flags, gelu-sigmoid, rope-kernel, single-block-kernels, cuda-graph, vae-channels-last."
             )
     if recipe.inductor_flags and not recipe.compile_mode:
         raise ValueError(f"Speed recipe {name!r}: inductor-flags set how torch.compile compiles; add a compile step.")
@@ -194,6 +200,10 @@ def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
     if recipe.rope_kernel and not (recipe.attention == "fa3-fp8" and recipe.fuse_qkv):
         raise ValueError(f"Speed recipe {name!r}: rope-kernel reads the fused QKV projection and writes fp8 q, k and v "
                          "for FlashAttention-3: add fused-qkv and attn-fa3-fp8.")
+    if recipe.single_block_kernels and not (recipe.quantization == "float8static-tensor" and recipe.rope_kernel):
+        raise ValueError(f"Speed recipe {name!r}: single-block-kernels quantizes to fp8 with each Linear's static "
+                         "scale and hands its output to the rope kernel: start with float8static-tensor, and add "
+                         "fused-qkv, attn-fa3-fp8 and rope-kernel.")
     if recipe.cuda_graph and recipe.compile_mode and not recipe.regional:
         raise ValueError(
             f"Speed recipe {name!r}: cuda-graph records the transformer's forward pass, which a whole-model "
@@ -246,9 +256,11 @@ def check_speed_recipe(recipe: str | SpeedRecipe, device: env.DeviceInfo | None 
             )
     problem = kernels.triton_problem() if recipe.rope_kernel and packages else None
     if problem:
+        steps, run = (("rope-kernel and single-block-kernels", "run Triton kernels") if recipe.single_block_kernels
+                      else ("rope-kernel", "is a Triton kernel"))
         raise UnsupportedHardwareError(
-            f"Speed recipe {recipe.name!r}: rope-kernel is a Triton kernel for CUDA GPUs, and {problem}. Instead: "
-            "leave out rope-kernel; torch.compile fuses the same steps into its own kernels."
+            f"Speed recipe {recipe.name!r}: {steps} {run} for CUDA GPUs, and {problem}. "
+            f"Instead: leave out {steps}; torch.compile fuses the same steps into its own kernels."
         )
     if recipe.attention in _AMPERE_ATTENTION and cc is not None and cc < (8, 0):
         raise UnsupportedHardwareError(
@@ -336,6 +348,8 @@ def apply_speed_recipe(pipe, recipe: str | SpeedRecipe, device: env.DeviceInfo |
                       filter_fn=lambda module, name: hasattr(module, "input_act_obs"))  # the observed ones
         else:
             quantize_(transformer, _quantization_config(recipe.quantization))
+    if recipe.single_block_kernels:  # after quantizing: the kernels quantize with the scales calibration found
+        use_single_block_kernels(transformer)
     if recipe.inductor_flags:  # process-wide, like the flags in flux-fast; run_speed_recipe puts them back
         import torch._inductor.config as inductor_config
 
@@ -486,6 +500,90 @@ class FlashAttention3Processor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         return query, key, value
+
+
+def _keep_fp8_operands(linear: torch.nn.Module) -> None:
+    """Put a static-fp8 Linear's `torch._scaled_mm` operands on it as plain buffers (views; nothing is copied)."""
+    weight = linear.weight
+    scale = getattr(weight, "act_quant_scale", None)
+    if scale is None or scale.numel() != 1 or weight.scale.numel() != 1:
+        raise ValueError("single-block-kernels quantizes each Linear's input with the one static scale that "
+                         "torchao's Float8StaticActivationFloat8WeightConfig found for it, and this Linear's "
+                         f"weight is a {type(weight).__name__}. Instead: quantize with float8static-tensor first.")
+    linear.register_buffer("fp8_weight_t", weight.qdata.t(), persistent=False)  # column-major, as cuBLAS wants it
+    linear.register_buffer("fp8_weight_scale", weight.scale.reshape(1, 1), persistent=False)
+    linear.register_buffer("fp8_input_scale", weight.act_quant_scale.reshape(1, 1), persistent=False)
+    linear.fp8_fast_accumulation = weight.mm_config.use_fast_accum
+
+
+def static_fp8_linear(x: torch.Tensor, linear: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """`linear(x)` for an `x` already in fp8, quantized with the Linear's static input scale: what torchao
+    runs after quantizing the input itself (`addmm_float8_unwrapped_inference`: `torch._scaled_mm`), in `dtype`."""
+    from torchao.float8.inference import addmm_float8_unwrapped_inference
+
+    out = addmm_float8_unwrapped_inference(x.reshape(-1, x.shape[-1]), linear.fp8_input_scale, linear.fp8_weight_t,
+                                           linear.fp8_weight_scale, output_dtype=dtype, bias=linear.bias,
+                                           use_fast_accum=linear.fp8_fast_accumulation)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _single_block_with_kernels(block, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                               temb: torch.Tensor, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                               joint_attention_kwargs: dict[str, Any] | None = None):
+    """diffusers' `FluxSingleTransformerBlock.forward`, step for step, with its elementwise work in Triton kernels.
+
+    The three Triton kernels do what torch.compile would fuse: `kernels.layer_norm_modulate_fp8` the
+    joining of the streams, the norm, the modulation and the quantization of both Linears' input;
+    `kernels.qk_norm_rope_fp8` what comes between the QKV projection and the attention;
+    `kernels.gelu_cat_fp8` the GELU, the concatenation and the output projection's quantization. The
+    three Linears then run on fp8 inputs (`static_fp8_linear`) and the attention is the processor's own.
+    """
+    if joint_attention_kwargs:
+        raise ValueError("single-block-kernels runs FLUX's attention without extra arguments (no LoRA scale, no "
+                         "IP-Adapter); leave out single-block-kernels to pass joint_attention_kwargs.")
+    attn, text_tokens, dtype = block.attn, encoder_hidden_states.shape[1], hidden_states.dtype
+    shift, scale, gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)  # AdaLayerNormZeroSingle's
+    residual, for_qkv, for_mlp = kernels.layer_norm_modulate_fp8(
+        encoder_hidden_states, hidden_states, shift, scale, (attn.to_qkv.fp8_input_scale,
+                                                             block.proj_mlp.fp8_input_scale), eps=block.norm.norm.eps)
+    query, key, value = kernels.qk_norm_rope_fp8(static_fp8_linear(for_qkv, attn.to_qkv, dtype), attn.norm_q,
+                                                 attn.norm_k, image_rotary_emb, attn.heads)
+    attention = attn.processor.attention(query, key, value).flatten(2, 3).to(dtype)
+    for_out = kernels.gelu_cat_fp8(attention, static_fp8_linear(for_mlp, block.proj_mlp, dtype),
+                                   block.proj_out.fp8_input_scale)
+    hidden_states = residual + gate.unsqueeze(1) * static_fp8_linear(for_out, block.proj_out, dtype)
+    return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
+
+
+def use_single_block_kernels(transformer: torch.nn.Module) -> int:
+    """Run every single-stream block of `transformer` with `_single_block_with_kernels`; returns how many changed.
+
+    Needs what the kernels read: static fp8 weights (`float8static-tensor`: each Linear's input scale is
+    known before the block runs), the fused QKV projection, and `FlashAttention3Processor(fp8=True,
+    rope_kernel=True)`. The Linears keep their torchao weights; each also gets its operands for
+    `torch._scaled_mm` as buffers that share the weight's memory. A second call changes nothing.
+    """
+    import types
+
+    changed = 0
+    for block in transformer.single_transformer_blocks:
+        processor = block.attn.processor
+        if not (block.attn.fused_projections and isinstance(processor, FlashAttention3Processor)
+                and processor.rope_kernel):
+            raise ValueError("single-block-kernels hands the fused QKV projection to the rope kernel: call "
+                             "transformer.fuse_qkv_projections(), then set FlashAttention3Processor(fp8=True, "
+                             "rope_kernel=True), then quantize with float8static-tensor.")
+        act = block.act_mlp
+        if not (isinstance(act, SigmoidGELU) or (isinstance(act, torch.nn.GELU) and act.approximate == "tanh")):
+            raise ValueError(f"gelu_cat_fp8 computes GELU's tanh form, which FLUX runs, and this block's MLP "
+                             f"runs {act}.")
+        if "forward" in block.__dict__:
+            continue
+        for linear in (block.attn.to_qkv, block.proj_mlp, block.proj_out):
+            _keep_fp8_operands(linear)
+        block.forward = types.MethodType(_single_block_with_kernels, block)
+        changed += 1
+    return changed
 
 
 # GELU's tanh approximation is 0.5·x·(1 + tanh(z)) with z = √(2/π)·(x + 0.044715·x³). Since
@@ -702,7 +800,8 @@ def speed_table(results: tuple[str, ...] = SPEED_RESULTS, pipeline_results: tupl
 # activations of one), so Triton kernels are filed first: templates (`triton_tem_`) are matmuls, the
 # rest fused elementwise work. Then attention, since some attention kernels have "gemm" in their names.
 KERNEL_KINDS = (
-    ("rope kernel", ("qk_norm_rope",)),  # quantlab.kernels' own Triton kernel (rope-kernel)
+    ("rope kernel", ("qk_norm_rope",)),  # quantlab.kernels' own Triton kernels: rope-kernel's,
+    ("single-block kernels", ("layer_norm_modulate", "gelu_cat")),  # and single-block-kernels'
     ("matmul", ("triton_tem_",)),
     ("fused by inductor", ("triton_",)),
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "scaled_dot_product")),
@@ -712,7 +811,8 @@ KERNEL_KINDS = (
 
 
 def kernel_kind(name: str) -> str:
-    """'attention', 'matmul', 'fused by inductor', 'rope kernel' or 'other', for a kernel or operator name."""
+    """'attention', 'matmul', 'fused by inductor', 'rope kernel', 'single-block kernels' or 'other', for a kernel
+    or operator name."""
     lowered = name.lower()
     return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
 

@@ -16,8 +16,9 @@ H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), bf16=True, fp8=True)
 T4 = DeviceInfo("cuda", "Tesla T4", (7, 5), bf16=False, fp8=False)
 CPU = DeviceInfo("cpu", "CPU (x86_64, 2 cores)")
 L40S = DeviceInfo("cuda", "NVIDIA L40S", (8, 9), bf16=True, fp8=True)
-FASTEST_ON_HOPPER = "float8static-tensor+fused-qkv+attn-fa3-fp8+gelu-sigmoid+rope-kernel+compile-regional+cuda-graph"  # H200
-FASTEST_WITHOUT_TRITON = FASTEST_ON_HOPPER.replace("+rope-kernel", "")  # the fastest before the rope kernel
+FASTEST_ON_HOPPER = ("float8static-tensor+fused-qkv+attn-fa3-fp8+gelu-sigmoid+rope-kernel+single-block-kernels"
+                     "+compile-regional+cuda-graph")  # H200
+FASTEST_WITHOUT_TRITON = FASTEST_ON_HOPPER.replace("+rope-kernel+single-block-kernels", "")  # before the kernels
 FASTEST_WITHOUT_FA3 = "float8dq-row+fused-qkv+attn-cudnn+compile-regional+cuda-graph"
 
 
@@ -240,7 +241,8 @@ def test_the_rope_kernel_step_needs_fused_qkv_fp8_fa3_and_triton(fa3_installed, 
         with pytest.raises(ValueError, match="add fused-qkv and attn-fa3-fp8"):
             speed.parse_speed_recipe(name.replace(without, ""))
     monkeypatch.setattr(speed.kernels, "triton_problem", lambda: "Triton is not installed")
-    with pytest.raises(ql.UnsupportedHardwareError, match="rope-kernel is a Triton kernel.*Triton is not installed"):
+    with pytest.raises(ql.UnsupportedHardwareError, match="rope-kernel is a Triton kernel for CUDA GPUs, and Triton "
+                                                          "is not installed"):
         speed.check_speed_recipe(name, H100)
     speed.check_speed_recipe(name, H100, packages=False)  # the hardware alone would run it
     monkeypatch.setattr(speed.kernels, "triton_problem", lambda: None)
@@ -338,6 +340,136 @@ def test_the_rope_kernel_checks_its_arguments_then_says_what_it_needs_where_it_c
         ql.kernels.qk_norm_rope_fp8(qkv, norm, other_eps, rotary, 1)
     with pytest.raises(RuntimeError, match="Triton kernel for CUDA GPUs.*Instead: qk_norm_rope_reference"):
         ql.kernels.qk_norm_rope_fp8(qkv, norm, norm, rotary, 1)  # CPU tensors, here or on a GPU machine
+
+
+SINGLE_BLOCK_KERNELS = "float8static-tensor+fused-qkv+attn-fa3-fp8+rope-kernel+single-block-kernels"
+
+
+def test_the_single_block_kernels_step_needs_static_fp8_the_rope_kernel_and_triton(fa3_installed, monkeypatch):
+    assert speed.parse_speed_recipe(SINGLE_BLOCK_KERNELS).single_block_kernels
+    for recipe in (SINGLE_BLOCK_KERNELS.replace("float8static-tensor", "float8dq-tensor"),  # no scales in advance
+                   SINGLE_BLOCK_KERNELS.replace("+rope-kernel", "")):
+        with pytest.raises(ValueError, match="start with float8static-tensor, and add fused-qkv, attn-fa3-fp8 and "
+                                             "rope-kernel"):
+            speed.parse_speed_recipe(recipe)
+    monkeypatch.setattr(speed.kernels, "triton_problem", lambda: "there is no CUDA GPU here")
+    with pytest.raises(ql.UnsupportedHardwareError, match="rope-kernel and single-block-kernels run Triton kernels "
+                                                          "for CUDA GPUs, and there is no CUDA GPU here"):
+        speed.check_speed_recipe(SINGLE_BLOCK_KERNELS, H100)
+
+
+def test_the_single_block_kernels_compute_what_diffusers_block_computes(tiny_pipe, fa3_installed, triton_installed,
+                                                                        monkeypatch):
+    """The kernels' own arithmetic is checked on a GPU (test_the_single_block_kernels_match_their_references...)."""
+    import torch._inductor.config as inductor_config
+
+    calls = []
+    for name in ("qk_norm_rope", "layer_norm_modulate", "gelu_cat"):  # each kernel replaced by its PyTorch twin
+        reference = getattr(ql.kernels, f"{name}_reference")
+        monkeypatch.setattr(speed.kernels, f"{name}_fp8",
+                            lambda *args, _reference=reference, _name=name, **kwargs: (calls.append(_name),
+                                                                                      _reference(*args, **kwargs))[1])
+    monkeypatch.setattr(speed, "FlashAttention3Processor", SdpaInPlaceOfFa3)  # PyTorch's attention where FA3 runs
+    config = tiny_pipe.transformer.config
+    inputs = ql.measure.random_transformer_inputs(config, 128, 128, 32)
+    calibration = [ql.measure.random_transformer_inputs(config, 128, 128, 32, seed=seed) for seed in (1, 2)]
+    outputs = {}
+    for name in (SINGLE_BLOCK_KERNELS.replace("+single-block-kernels", ""), SINGLE_BLOCK_KERNELS):
+        transformer = copy.deepcopy(tiny_pipe.transformer)
+        with inductor_config.patch(coordinate_descent_tuning=False), torch.no_grad():
+            speed.apply_speed_recipe(transformer, name, H100, calibrate=lambda: [transformer(**c) for c in calibration])
+            calls.clear()
+            outputs[name] = transformer(**inputs)[0]
+    double, single = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
+    assert calls == ["qk_norm_rope"] * double + ["layer_norm_modulate", "qk_norm_rope", "gelu_cat"] * single
+    assert torch.equal(*outputs.values())  # the same steps, the same roundings, the same scales
+    block = transformer.single_transformer_blocks[0]
+    weight = block.proj_out.weight  # the torchao weight stays; the kernels' operands share its memory
+    assert block.proj_out.fp8_weight_t.data_ptr() == weight.qdata.data_ptr()
+    assert block.proj_out.fp8_input_scale.item() == weight.act_quant_scale.item()
+    assert speed.use_single_block_kernels(transformer) == 0  # installed once
+
+
+def test_the_single_block_kernels_need_the_rope_processor_and_static_fp8(tiny_pipe):
+    transformer = copy.deepcopy(tiny_pipe.transformer)
+    with pytest.raises(ValueError, match="fuse_qkv_projections"):
+        speed.use_single_block_kernels(transformer)
+    transformer.fuse_qkv_projections()
+    transformer.set_attn_processor(SdpaInPlaceOfFa3(fp8=True, rope_kernel=True))
+    with pytest.raises(ValueError, match="weight is a Parameter. Instead: quantize with float8static-tensor"):
+        speed.use_single_block_kernels(transformer)
+    with pytest.raises(ValueError, match="LoRA scale"):
+        speed._single_block_with_kernels(transformer.single_transformer_blocks[0], None, torch.zeros(1, 1, 1), None,
+                                         joint_attention_kwargs={"scale": 0.5})
+
+
+def test_the_single_block_kernels_check_their_arguments_then_say_what_they_need_where_they_cannot_run():
+    text, image, modulation = (torch.zeros(*shape, dtype=torch.bfloat16) for shape in ((1, 2, 64), (1, 3, 64), (1, 64)))
+    scale = torch.ones(1)
+    with pytest.raises(ValueError, match="rounds where PyTorch does on bfloat16 activations, and these are "
+                                         "torch.float32. Instead: layer_norm_modulate_reference"):
+        ql.kernels.layer_norm_modulate_fp8(text.float(), image.float(), modulation, modulation, (scale,))
+    with pytest.raises(ValueError, match="one or two static input scales, one number each"):
+        ql.kernels.layer_norm_modulate_fp8(text, image, modulation, modulation, (scale,) * 3)
+    with pytest.raises(ValueError, match=r"one number each.*\[\(2,\)\]"):
+        ql.kernels.gelu_cat_fp8(image, torch.zeros(1, 3, 256), torch.ones(2))
+    with pytest.raises(ValueError, match="must share the batch and the last dimension"):
+        ql.kernels.layer_norm_modulate_fp8(text, image[..., :32], modulation, modulation, (scale,))
+    with pytest.raises(ValueError, match="must have the same tokens"):
+        ql.kernels.gelu_cat_fp8(text, torch.zeros(1, 3, 256), scale)
+    with pytest.raises(RuntimeError, match="Triton kernel for CUDA GPUs.*Instead: layer_norm_modulate_reference"):
+        ql.kernels.layer_norm_modulate_fp8(text, image, modulation, modulation, (scale,))
+    with pytest.raises(RuntimeError, match="Triton kernel for CUDA GPUs.*Instead: gelu_cat_reference"):
+        ql.kernels.gelu_cat_fp8(image, torch.zeros(1, 3, 256), scale)
+
+
+def _differ_by_one_fp8_step_at_most(output: torch.Tensor, reference: torch.Tensor) -> None:
+    output, reference = output.float(), reference.float()
+    differ = output != reference
+    assert differ.float().mean() < 2e-3  # float32 sums in another order flip a rounding now and then
+    assert ((output - reference).abs()[differ] <= reference.abs()[differ] / 8 + 2**-9).all()
+
+
+@pytest.mark.skipif(ql.kernels.triton_problem() is not None, reason="a Triton kernel: needs Triton and a CUDA GPU")
+@pytest.mark.parametrize("scales", [1, 2])
+def test_the_single_block_kernels_match_their_references_on_a_gpu(scales):
+    generator = torch.Generator("cpu").manual_seed(0)
+    dim, mlp_dim, text_tokens, image_tokens = 192, 768, 7, 45  # a dim that is no power of two, as FLUX's 3072
+    randn = lambda *shape, s=1.0: (torch.randn(*shape, generator=generator) * s).to("cuda", torch.bfloat16)  # noqa
+    text, image = randn(2, text_tokens, dim), randn(2, image_tokens, dim, s=4.0) + 1
+    shift, scale, _ = randn(2, 3 * dim, s=0.5).chunk(3, dim=1)  # views into one tensor, as diffusers' chunk gives
+    input_scales = tuple(torch.tensor([[s]], device="cuda") for s in (0.01, 0.004)[:scales])
+    with torch.no_grad():
+        outputs = ql.kernels.layer_norm_modulate_fp8(text, image, shift, scale, input_scales)
+        references = ql.kernels.layer_norm_modulate_reference(text, image, shift, scale, input_scales)
+    assert len(outputs) == 1 + scales and torch.equal(outputs[0], references[0])  # the joined tokens, copied
+    for output, reference in zip(outputs[1:], references[1:]):
+        assert output.shape == (2, text_tokens + image_tokens, dim) and output.dtype == torch.float8_e4m3fn
+        _differ_by_one_fp8_step_at_most(output, reference)
+    projection = randn(2, text_tokens + image_tokens, 3 * dim + mlp_dim, s=3.0)  # the MLP part: a strided view
+    attention, mlp = randn(2, text_tokens + image_tokens, dim), projection[..., 3 * dim:]
+    with torch.no_grad():
+        output = ql.kernels.gelu_cat_fp8(attention, mlp, input_scales[0])
+        reference = ql.kernels.gelu_cat_reference(attention, mlp, input_scales[0])
+    assert output.shape == (2, text_tokens + image_tokens, dim + mlp_dim)
+    assert torch.equal(output[..., :dim].float(), reference[..., :dim].float())  # the attention part: a plain cast
+    _differ_by_one_fp8_step_at_most(output, reference)
+
+
+@pytest.mark.skipif(ql.kernels.triton_problem() is not None, reason="a Triton kernel: needs Triton and a CUDA GPU")
+def test_the_single_block_kernels_compile_in_one_graph_to_what_they_give_eagerly():
+    text, image = (torch.randn(1, n, 256, device="cuda", dtype=torch.bfloat16) for n in (3, 20))
+    shift, scale = torch.zeros(2, 1, 256, device="cuda", dtype=torch.bfloat16).unbind(0)
+    input_scales = (torch.tensor([[0.01]], device="cuda"),)
+    mlp = torch.randn(1, 23, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def block_end(text, image, shift, scale):
+        joined, quantized = ql.kernels.layer_norm_modulate_fp8(text, image, shift, scale, input_scales)
+        return joined, quantized, ql.kernels.gelu_cat_fp8(joined, mlp, input_scales[0])
+
+    compiled = torch.compile(block_end, fullgraph=True)
+    for eager, traced in zip(block_end(text, image, shift, scale), compiled(text, image, shift, scale)):
+        assert torch.equal(eager.view(torch.uint8), traced.view(torch.uint8))
 
 
 def test_static_fp8_observes_then_quantizes_every_linear_that_runs(tiny_pipe):
@@ -516,6 +648,8 @@ def test_kernel_kinds_name_gpu_kernels_and_cpu_operators():
         "fused by inductor"
     assert speed.kernel_kind("triton_tem_fused_addmm_0") == "matmul"
     assert speed.kernel_kind("_qk_norm_rope_fp8_kernel") == "rope kernel"
+    assert {speed.kernel_kind(f"_{name}_fp8_kernel") for name in ("layer_norm_modulate", "gelu_cat")} == {
+        "single-block kernels"}
     assert speed.kernel_kind("aten::addmm") == "matmul" and speed.kernel_kind("aten::copy_") == "other"
 
 
