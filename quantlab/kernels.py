@@ -113,8 +113,8 @@ if _TRITON:
     @triton.jit
     def _layer_norm_modulate_fp8_kernel(text_ptr, image_ptr, shift_ptr, scale_ptr, joined_ptr, first_scale_ptr,
                                         first_ptr, second_scale_ptr, second_ptr, text_tokens, tokens,
-                                        text_stride_batch, image_stride_batch, modulation_stride_batch,
-                                        EPS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
+                                        text_stride_batch, image_stride_batch, shift_stride_batch,
+                                        scale_stride_batch, EPS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                                         ROWS: tl.constexpr, SECOND: tl.constexpr):
         token = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         batch = tl.program_id(1)
@@ -131,12 +131,12 @@ if _TRITON:
         # eps a constant: torch.compile would pass a float argument in float64
         rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / DIM + EPS)
         y = _rounded_to_bf16(centred * rstd[:, None])  # nn.LayerNorm: float32 inside, the activations' dtype out
-        modulation = batch * modulation_stride_batch + dims[None, :]
         columns = (dims < DIM)[None, :]
         # diffusers' norm(x)·(1 + scale) + shift: three operations on bf16 tensors, each rounded
-        one_plus_scale = _rounded_to_bf16(1.0 + tl.load(scale_ptr + modulation, mask=columns, other=0.0).to(tl.float32))
-        y = _rounded_to_bf16(y * one_plus_scale)
-        y = _rounded_to_bf16(y + tl.load(shift_ptr + modulation, mask=columns, other=0.0).to(tl.float32))
+        scale = tl.load(scale_ptr + batch * scale_stride_batch + dims[None, :], mask=columns, other=0.0)
+        y = _rounded_to_bf16(y * _rounded_to_bf16(1.0 + scale.to(tl.float32)))
+        shift = tl.load(shift_ptr + batch * shift_stride_batch + dims[None, :], mask=columns, other=0.0)
+        y = _rounded_to_bf16(y + shift.to(tl.float32))
         _to_fp8(y, first_scale_ptr, first_ptr, target, mask)
         if SECOND:
             _to_fp8(y, second_scale_ptr, second_ptr, target, mask)
@@ -283,8 +283,8 @@ def layer_norm_modulate_fp8(text: torch.Tensor, image: torch.Tensor, shift: torc
     first_scale, second_scale = input_scales[0], input_scales[-1]
     _layer_norm_modulate_fp8_kernel[(triton.cdiv(tokens, rows_per_program), batch)](
         text, image, shift, scale, joined, first_scale, outputs[0], second_scale, outputs[-1], text_tokens,
-        tokens, text.stride(0), image.stride(0), shift.stride(0), EPS=eps, DIM=dim, BLOCK=triton.next_power_of_2(dim),
-        ROWS=rows_per_program, SECOND=len(input_scales) == 2, num_warps=num_warps)
+        tokens, text.stride(0), image.stride(0), shift.stride(0), scale.stride(0), EPS=eps, DIM=dim,
+        BLOCK=triton.next_power_of_2(dim), ROWS=rows_per_program, SECOND=len(input_scales) == 2, num_warps=num_warps)
     return joined, *outputs
 
 

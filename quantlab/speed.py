@@ -319,6 +319,10 @@ def apply_speed_recipe(pipe, recipe: str | SpeedRecipe, device: env.DeviceInfo |
     transformer = getattr(pipe, "transformer", pipe)
     if recipe.vae_channels_last and not hasattr(pipe, "vae"):
         raise ValueError(f"Speed recipe {recipe.name!r} changes the VAE; pass the whole pipeline, not a transformer.")
+    if recipe.single_block_kernels and transformer.dtype != torch.bfloat16:  # before anything changes
+        raise ValueError(f"Speed recipe {recipe.name!r}: single-block-kernels round as PyTorch does on bf16 "
+                         f"activations, and this transformer is {transformer.dtype}. Instead: load it in bf16, or "
+                         "leave out single-block-kernels.")
     static = recipe.quantization == "float8static-tensor"
     if static and calibrate is None:
         if transformer is pipe:
@@ -505,15 +509,30 @@ class FlashAttention3Processor:
 def _keep_fp8_operands(linear: torch.nn.Module) -> None:
     """Put a static-fp8 Linear's `torch._scaled_mm` operands on it as plain buffers (views; nothing is copied)."""
     weight = linear.weight
-    scale = getattr(weight, "act_quant_scale", None)
-    if scale is None or scale.numel() != 1 or weight.scale.numel() != 1:
-        raise ValueError("single-block-kernels quantizes each Linear's input with the one static scale that "
-                         "torchao's Float8StaticActivationFloat8WeightConfig found for it, and this Linear's "
-                         f"weight is a {type(weight).__name__}. Instead: quantize with float8static-tensor first.")
     linear.register_buffer("fp8_weight_t", weight.qdata.t(), persistent=False)  # column-major, as cuBLAS wants it
     linear.register_buffer("fp8_weight_scale", weight.scale.reshape(1, 1), persistent=False)
     linear.register_buffer("fp8_input_scale", weight.act_quant_scale.reshape(1, 1), persistent=False)
     linear.fp8_fast_accumulation = weight.mm_config.use_fast_accum
+
+
+def _single_block_kernels_problem(block: torch.nn.Module) -> str | None:
+    """Why `_single_block_with_kernels` cannot run `block` (a FluxSingleTransformerBlock), or None."""
+    processor = block.attn.processor
+    if not (block.attn.fused_projections and isinstance(processor, FlashAttention3Processor)
+            and processor.rope_kernel):
+        return ("single-block-kernels hands the fused QKV projection to the rope kernel: call "
+                "transformer.fuse_qkv_projections(), then set FlashAttention3Processor(fp8=True, rope_kernel=True), "
+                "then quantize with float8static-tensor.")
+    act = block.act_mlp
+    if not (isinstance(act, SigmoidGELU) or (isinstance(act, torch.nn.GELU) and act.approximate == "tanh")):
+        return f"gelu_cat_fp8 computes GELU's tanh form, which FLUX runs, and this block's MLP runs {act}."
+    for linear in (block.attn.to_qkv, block.proj_mlp, block.proj_out):
+        weight, scale = linear.weight, getattr(linear.weight, "act_quant_scale", None)
+        if scale is None or scale.numel() != 1 or weight.scale.numel() != 1:
+            return ("single-block-kernels quantizes each Linear's input with the one static scale that torchao's "
+                    "Float8StaticActivationFloat8WeightConfig found for it, and this Linear's weight is a "
+                    f"{type(weight).__name__}. Instead: quantize with float8static-tensor first.")
+    return None
 
 
 def static_fp8_linear(x: torch.Tensor, linear: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -565,25 +584,18 @@ def use_single_block_kernels(transformer: torch.nn.Module) -> int:
     """
     import types
 
-    changed = 0
-    for block in transformer.single_transformer_blocks:
-        processor = block.attn.processor
-        if not (block.attn.fused_projections and isinstance(processor, FlashAttention3Processor)
-                and processor.rope_kernel):
-            raise ValueError("single-block-kernels hands the fused QKV projection to the rope kernel: call "
-                             "transformer.fuse_qkv_projections(), then set FlashAttention3Processor(fp8=True, "
-                             "rope_kernel=True), then quantize with float8static-tensor.")
-        act = block.act_mlp
-        if not (isinstance(act, SigmoidGELU) or (isinstance(act, torch.nn.GELU) and act.approximate == "tanh")):
-            raise ValueError(f"gelu_cat_fp8 computes GELU's tanh form, which FLUX runs, and this block's MLP "
-                             f"runs {act}.")
-        if "forward" in block.__dict__:
-            continue
+    if transformer.dtype != torch.bfloat16:
+        raise ValueError(f"single-block-kernels round as PyTorch does on bf16 activations, and this transformer is "
+                         f"{transformer.dtype}. Instead: load it in bf16, or leave out single-block-kernels.")
+    blocks = [block for block in transformer.single_transformer_blocks if "forward" not in block.__dict__]
+    problem = next(filter(None, map(_single_block_kernels_problem, blocks)), None)  # all checked, then changed
+    if problem:
+        raise ValueError(problem)
+    for block in blocks:
         for linear in (block.attn.to_qkv, block.proj_mlp, block.proj_out):
             _keep_fp8_operands(linear)
         block.forward = types.MethodType(_single_block_with_kernels, block)
-        changed += 1
-    return changed
+    return len(blocks)
 
 
 # GELU's tanh approximation is 0.5·x·(1 + tanh(z)) with z = √(2/π)·(x + 0.044715·x³). Since

@@ -390,10 +390,23 @@ def test_the_single_block_kernels_compute_what_diffusers_block_computes(tiny_pip
     assert speed.use_single_block_kernels(transformer) == 0  # installed once
 
 
+def test_a_single_block_kernels_recipe_refuses_a_transformer_not_in_bf16_before_changing_it(tiny_pipe, fa3_installed,
+                                                                                             triton_installed):
+    transformer = copy.deepcopy(tiny_pipe.transformer).float()
+    with pytest.raises(ValueError, match="single-block-kernels round as PyTorch does on bf16 activations, and this "
+                                         "transformer is torch.float32. Instead: load it in bf16"):
+        speed.apply_speed_recipe(transformer, SINGLE_BLOCK_KERNELS, H100, calibrate=lambda: None)
+    assert not transformer.transformer_blocks[0].attn.fused_projections
+
+
 def test_the_single_block_kernels_need_the_rope_processor_and_static_fp8(tiny_pipe):
     transformer = copy.deepcopy(tiny_pipe.transformer)
+    with pytest.raises(ValueError, match="round as PyTorch does on bf16 activations, and this transformer is "
+                                         "torch.float32"):
+        speed.use_single_block_kernels(copy.deepcopy(transformer).float())
     with pytest.raises(ValueError, match="fuse_qkv_projections"):
         speed.use_single_block_kernels(transformer)
+    assert "forward" not in transformer.single_transformer_blocks[0].__dict__  # refused before any block changed
     transformer.fuse_qkv_projections()
     transformer.set_attn_processor(SdpaInPlaceOfFa3(fp8=True, rope_kernel=True))
     with pytest.raises(ValueError, match="weight is a Parameter. Instead: quantize with float8static-tensor"):
