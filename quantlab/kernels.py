@@ -142,9 +142,8 @@ if _TRITON:
             _to_fp8(y, second_scale_ptr, second_ptr, target, mask)
 
     @triton.jit
-    def _gelu_cat_fp8_kernel(attention_ptr, mlp_ptr, scale_ptr, out_ptr, rows, attention_stride_row,
-                             mlp_stride_row, ATTENTION_DIM: tl.constexpr, MLP_DIM: tl.constexpr,
-                             BLOCK: tl.constexpr):
+    def _gelu_cat_fp8_kernel(attention_ptr, mlp_ptr, scale_ptr, out_ptr, attention_stride_row, mlp_stride_row,
+                             ATTENTION_DIM: tl.constexpr, MLP_DIM: tl.constexpr, BLOCK: tl.constexpr):
         column = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         row = tl.program_id(1)
         mask = column < ATTENTION_DIM + MLP_DIM
@@ -323,7 +322,7 @@ def gelu_cat_fp8(attention: torch.Tensor, mlp: torch.Tensor, input_scale: torch.
         block //= 2
     out = torch.empty(*mlp.shape[:-1], attention_dim + mlp_dim, dtype=out_dtype, device=mlp.device)
     grid = (triton.cdiv(attention_dim + mlp_dim, block), mlp.shape[0])
-    _gelu_cat_fp8_kernel[grid](attention, mlp, input_scale, out, mlp.shape[0], attention.stride(0), mlp.stride(0),
+    _gelu_cat_fp8_kernel[grid](attention, mlp, input_scale, out, attention.stride(0), mlp.stride(0),
                                ATTENTION_DIM=attention_dim, MLP_DIM=mlp_dim, BLOCK=block, num_warps=num_warps)
     return out.view(*leading, attention_dim + mlp_dim)
 

@@ -319,10 +319,8 @@ def apply_speed_recipe(pipe, recipe: str | SpeedRecipe, device: env.DeviceInfo |
     transformer = getattr(pipe, "transformer", pipe)
     if recipe.vae_channels_last and not hasattr(pipe, "vae"):
         raise ValueError(f"Speed recipe {recipe.name!r} changes the VAE; pass the whole pipeline, not a transformer.")
-    if recipe.single_block_kernels and transformer.dtype != torch.bfloat16:  # before anything changes
-        raise ValueError(f"Speed recipe {recipe.name!r}: single-block-kernels round as PyTorch does on bf16 "
-                         f"activations, and this transformer is {transformer.dtype}. Instead: load it in bf16, or "
-                         "leave out single-block-kernels.")
+    if recipe.single_block_kernels:  # before anything changes
+        _check_bf16_for_single_block_kernels(transformer)
     static = recipe.quantization == "float8static-tensor"
     if static and calibrate is None:
         if transformer is pipe:
@@ -515,6 +513,12 @@ def _keep_fp8_operands(linear: torch.nn.Module) -> None:
     linear.fp8_fast_accumulation = weight.mm_config.use_fast_accum
 
 
+def _check_bf16_for_single_block_kernels(transformer: torch.nn.Module) -> None:
+    if transformer.dtype != torch.bfloat16:
+        raise ValueError(f"single-block-kernels round as PyTorch does on bf16 activations, and this transformer is "
+                         f"{transformer.dtype}. Instead: load it in bf16, or leave out single-block-kernels.")
+
+
 def _single_block_kernels_problem(block: torch.nn.Module) -> str | None:
     """Why `_single_block_with_kernels` cannot run `block` (a FluxSingleTransformerBlock), or None."""
     processor = block.attn.processor
@@ -584,9 +588,7 @@ def use_single_block_kernels(transformer: torch.nn.Module) -> int:
     """
     import types
 
-    if transformer.dtype != torch.bfloat16:
-        raise ValueError(f"single-block-kernels round as PyTorch does on bf16 activations, and this transformer is "
-                         f"{transformer.dtype}. Instead: load it in bf16, or leave out single-block-kernels.")
+    _check_bf16_for_single_block_kernels(transformer)
     blocks = [block for block in transformer.single_transformer_blocks if "forward" not in block.__dict__]
     problem = next(filter(None, map(_single_block_kernels_problem, blocks)), None)  # all checked, then changed
     if problem:

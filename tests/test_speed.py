@@ -288,6 +288,13 @@ def test_the_rope_kernel_names_what_is_missing(monkeypatch):
     assert ql.kernels.triton_problem() is None
 
 
+def _differ_by_one_fp8_step_at_most(output: torch.Tensor, reference: torch.Tensor) -> None:
+    output, reference = output.float(), reference.float()
+    differ = output != reference
+    assert differ.float().mean() < 2e-3  # float32 sums in another order flip a rounding now and then
+    assert ((output - reference).abs()[differ] <= reference.abs()[differ] / 8 + 2**-9).all()  # by one fp8 step
+
+
 @pytest.mark.skipif(ql.kernels.triton_problem() is not None, reason="a Triton kernel: needs Triton and a CUDA GPU")
 @pytest.mark.parametrize("text_tokens", [0, 40])
 def test_the_rope_kernel_matches_diffusers_on_a_gpu(text_tokens):
@@ -307,10 +314,7 @@ def test_the_rope_kernel_matches_diffusers_on_a_gpu(text_tokens):
         references = ql.kernels.qk_norm_rope_reference(qkv, norms[0], norms[1], rotary, heads, **streams)
     for output, reference in zip(outputs, references):
         assert output.shape == (2, text_tokens + image_tokens, heads, head_dim) and output.dtype == torch.float8_e4m3fn
-        output, reference = output.float(), reference.float()
-        differ = output != reference
-        assert differ.float().mean() < 2e-3  # float32 sums in another order flip a rounding now and then
-        assert ((output - reference).abs()[differ] <= reference.abs()[differ] / 8 + 2**-9).all()  # by one fp8 step
+        _differ_by_one_fp8_step_at_most(output, reference)
     assert torch.equal(outputs[2].float(), references[2].float())  # v is a plain cast
 
 
@@ -434,13 +438,6 @@ def test_the_single_block_kernels_check_their_arguments_then_say_what_they_need_
         ql.kernels.layer_norm_modulate_fp8(text, image, modulation, modulation, (scale,))
     with pytest.raises(RuntimeError, match="Triton kernel for CUDA GPUs.*Instead: gelu_cat_reference"):
         ql.kernels.gelu_cat_fp8(image, torch.zeros(1, 3, 256), scale)
-
-
-def _differ_by_one_fp8_step_at_most(output: torch.Tensor, reference: torch.Tensor) -> None:
-    output, reference = output.float(), reference.float()
-    differ = output != reference
-    assert differ.float().mean() < 2e-3  # float32 sums in another order flip a rounding now and then
-    assert ((output - reference).abs()[differ] <= reference.abs()[differ] / 8 + 2**-9).all()
 
 
 @pytest.mark.skipif(ql.kernels.triton_problem() is not None, reason="a Triton kernel: needs Triton and a CUDA GPU")
