@@ -2,16 +2,17 @@
 
 A speed recipe is a `+`-joined name: the weights first (`bf16`, or a torchao config that quantizes
 the activations too), then any of `fused-qkv`, `attn-<backend>`, `compile[-regional][-<mode>]`,
-`inductor-flags`, `gelu-sigmoid`, `rope-kernel`, `single-block-kernels`, `cuda-graph` and
-`vae-channels-last`. For example `float8dq-row+fused-qkv+attn-cudnn+compile-regional+cuda-graph`.
+`inductor-flags`, `gelu-sigmoid`, `rope-kernel`, `single-block-kernels`, `fused-qkv-mlp`, `cuda-graph`
+and `vae-channels-last`. For example `float8dq-row+fused-qkv+attn-cudnn+compile-regional+cuda-graph`.
 `apply_speed_recipe` always applies them in one order: fused QKV, the attention, the GELU, the weights'
-quantization (which static fp8 calibrates through the attention that will run), the single-block kernels,
-the inductor flags, the compile, the CUDA graph, the VAE.
+quantization (which static fp8 calibrates through the attention that will run), the single-block kernels
+and their fused input projections, the inductor flags, the compile, the CUDA graph, the VAE.
 `attn-fa3` and `attn-fa3-fp8` run attention through FlashAttention-3 (`FlashAttention3Processor`,
 Hopper GPUs, the fa3-fwd package); with `attn-fa3-fp8` and `fused-qkv`, `rope-kernel` computes what comes
 between the QKV projection and FA3 in one hand-written Triton kernel (`quantlab.kernels`), and with
 static fp8 too, `single-block-kernels` runs the single-stream blocks' LayerNorm and GELU, each with its
-fp8 casts, in two more (`use_single_block_kernels`).
+fp8 casts, in two more (`use_single_block_kernels`); `fused-qkv-mlp` then runs each single-stream block's
+QKV and MLP projections as one fp8 matmul (`fuse_single_block_projections`).
 `apply_speed_recipe` applies one to a pipeline (or a bare transformer) with the real diffusers,
 torchao and torch calls; `make_fast` applies the fastest measured recipe that runs here.
 `python -m quantlab.speed` times recipes on a transformer alone: one denoising step is one
@@ -137,6 +138,7 @@ class SpeedRecipe:
     gelu_sigmoid: bool = False  # GELU(tanh) computed as x·σ(2z), the same function (SigmoidGELU)
     rope_kernel: bool = False  # q/k RMSNorm, RoPE and the fp8 casts in one Triton kernel (kernels.qk_norm_rope_fp8)
     single_block_kernels: bool = False  # the single-stream blocks' norm and GELU in Triton (use_single_block_kernels)
+    fused_qkv_mlp: bool = False  # their QKV and MLP projections as one fp8 matmul (fuse_single_block_projections)
     cuda_graph: bool = False  # record the transformer's forward pass once and replay it (CudaGraphForward)
     vae_channels_last: bool = False
 
@@ -174,6 +176,8 @@ def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
             recipe = replace(recipe, rope_kernel=True)
         elif step == "single-block-kernels":
             recipe = replace(recipe, single_block_kernels=True)
+        elif step == "fused-qkv-mlp":
+            recipe = replace(recipe, fused_qkv_mlp=True)
         elif step == "vae-channels-last":
             recipe = replace(recipe, vae_channels_last=True)
         elif step.startswith("attn-") and (step[5:] in ATTENTION_BACKENDS or step[5:] in FA3_ATTENTION):
@@ -190,7 +194,8 @@ def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
                 f"Unknown step {step!r} in speed recipe {name!r}. Steps: fused-qkv, "
                 f"attn-{{{','.join((*ATTENTION_BACKENDS, *FA3_ATTENTION))}}}, "
                 f"compile[-regional][-{{{','.join(COMPILE_MODES)}}}], "
-                "inductor-flags, gelu-sigmoid, rope-kernel, single-block-kernels, cuda-graph, vae-channels-last."
+                "inductor-flags, gelu-sigmoid, rope-kernel, single-block-kernels, fused-qkv-mlp, cuda-graph, "
+                "vae-channels-last."
             )
     if recipe.inductor_flags and not recipe.compile_mode:
         raise ValueError(f"Speed recipe {name!r}: inductor-flags set how torch.compile compiles; add a compile step.")
@@ -204,6 +209,10 @@ def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
         raise ValueError(f"Speed recipe {name!r}: single-block-kernels quantizes to fp8 with each Linear's static "
                          "scale and hands its output to the rope kernel: start with float8static-tensor, and add "
                          "fused-qkv, attn-fa3-fp8 and rope-kernel.")
+    if recipe.fused_qkv_mlp and not recipe.single_block_kernels:
+        raise ValueError(f"Speed recipe {name!r}: fused-qkv-mlp hands the single-stream blocks' fused projection to "
+                         "the single-block kernels' forward, which diffusers' own block forward cannot read: add "
+                         "single-block-kernels (and what it needs).")
     if recipe.cuda_graph and recipe.compile_mode and not recipe.regional:
         raise ValueError(
             f"Speed recipe {name!r}: cuda-graph records the transformer's forward pass, which a whole-model "
@@ -352,6 +361,8 @@ def apply_speed_recipe(pipe, recipe: str | SpeedRecipe, device: env.DeviceInfo |
             quantize_(transformer, _quantization_config(recipe.quantization))
     if recipe.single_block_kernels:  # after quantizing: the kernels quantize with the scales calibration found
         use_single_block_kernels(transformer)
+    if recipe.fused_qkv_mlp:
+        fuse_single_block_projections(transformer)
     if recipe.inductor_flags:  # process-wide, like the flags in flux-fast; run_speed_recipe puts them back
         import torch._inductor.config as inductor_config
 
@@ -559,21 +570,26 @@ def _single_block_with_kernels(block, hidden_states: torch.Tensor, encoder_hidde
     joining of the streams, the norm, the modulation and the quantization of both Linears' input;
     `kernels.qk_norm_rope_fp8` what comes between the QKV projection and the attention;
     `kernels.gelu_cat_fp8` the GELU, the concatenation and the output projection's quantization. The
-    three Linears then run on fp8 inputs (`static_fp8_linear`) and the attention is the processor's own.
+    three Linears then run on fp8 inputs (`static_fp8_linear`; after `fuse_single_block_projections`,
+    the first two as one matmul, `joined_qkv_mlp_linear`) and the attention is the processor's own.
     """
     if joint_attention_kwargs:
         raise ValueError("single-block-kernels runs FLUX's attention without extra arguments (no LoRA scale, no "
                          "IP-Adapter); leave out single-block-kernels to pass joint_attention_kwargs.")
     attn, text_tokens, dtype = block.attn, encoder_hidden_states.shape[1], hidden_states.dtype
     shift, scale, gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)  # AdaLayerNormZeroSingle's
-    residual, for_qkv, for_mlp = kernels.layer_norm_modulate_fp8(
-        encoder_hidden_states, hidden_states, shift, scale, (attn.to_qkv.fp8_input_scale,
-                                                             block.proj_mlp.fp8_input_scale), eps=block.norm.norm.eps)
-    query, key, value = kernels.qk_norm_rope_fp8(static_fp8_linear(for_qkv, attn.to_qkv, dtype), attn.norm_q,
-                                                 attn.norm_k, image_rotary_emb, attn.heads)
+    one_matmul = hasattr(block, "fp8_qkv_mlp_weight_t")  # fuse_single_block_projections: one input, one matmul
+    linears = (attn.to_qkv,) if one_matmul else (attn.to_qkv, block.proj_mlp)
+    residual, *normed = kernels.layer_norm_modulate_fp8(encoder_hidden_states, hidden_states, shift, scale,
+                                                        tuple(linear.fp8_input_scale for linear in linears),
+                                                        eps=block.norm.norm.eps)
+    if one_matmul:
+        qkv, mlp = joined_qkv_mlp_linear(normed[0], block, dtype)
+    else:
+        qkv, mlp = (static_fp8_linear(x, linear, dtype) for x, linear in zip(normed, linears))
+    query, key, value = kernels.qk_norm_rope_fp8(qkv, attn.norm_q, attn.norm_k, image_rotary_emb, attn.heads)
     attention = attn.processor.attention(query, key, value).flatten(2, 3).to(dtype)
-    for_out = kernels.gelu_cat_fp8(attention, static_fp8_linear(for_mlp, block.proj_mlp, dtype),
-                                   block.proj_out.fp8_input_scale)
+    for_out = kernels.gelu_cat_fp8(attention, mlp, block.proj_out.fp8_input_scale)
     hidden_states = residual + gate.unsqueeze(1) * static_fp8_linear(for_out, block.proj_out, dtype)
     return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
 
@@ -597,6 +613,81 @@ def use_single_block_kernels(transformer: torch.nn.Module) -> int:
         for linear in (block.attn.to_qkv, block.proj_mlp, block.proj_out):
             _keep_fp8_operands(linear)
         block.forward = types.MethodType(_single_block_with_kernels, block)
+    return len(blocks)
+
+
+def joined_qkv_mlp_linear(x: torch.Tensor, block: torch.nn.Module,
+                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`block.attn.to_qkv(x)` and `block.proj_mlp(x)` for an `x` already in fp8, in one `torch._scaled_mm`.
+
+    The matmul reads the joined weights that `fuse_single_block_projections` put on the block, with
+    row-wise scales: one per output feature, each its own Linear's per-tensor weight scale, and one
+    per token, each the shared static input scale. It returns two views of one output.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch._scaled_mm(rows, block.fp8_qkv_mlp_weight_t,
+                           scale_a=block.attn.to_qkv.fp8_input_scale.expand(rows.shape[0], 1).contiguous(),
+                           scale_b=block.fp8_qkv_mlp_weight_scale, bias=block.fp8_qkv_mlp_bias, out_dtype=dtype,
+                           use_fast_accum=block.attn.to_qkv.fp8_fast_accumulation)
+    return out.view(*x.shape[:-1], out.shape[-1]).split_with_sizes(block.fp8_qkv_mlp_widths, dim=-1)
+
+
+def join_qkv_mlp_weights(block: torch.nn.Module) -> None:
+    """Join the fp8 weights of `block.attn.to_qkv` and `block.proj_mlp` in memory, for `joined_qkv_mlp_linear`.
+
+    Both Linears need torchao's static fp8 weights (`float8static-tensor`). Each Linear's torchao
+    weight then views its rows of the joined weight, so nothing is stored twice and either Linear still
+    runs alone; each also gets its `torch._scaled_mm` operands (`_keep_fp8_operands`), as views of the
+    joined weight, for `static_fp8_linear`.
+    """
+    linears = (block.attn.to_qkv, block.proj_mlp)
+    joined = torch.cat([linear.weight.qdata for linear in linears])
+    for linear, rows in zip(linears, joined.split_with_sizes([linear.out_features for linear in linears])):
+        linear.weight.qdata = rows
+        _keep_fp8_operands(linear)
+    scales = [linear.fp8_weight_scale.float().reshape(1).expand(linear.out_features) for linear in linears]
+    bias = None
+    if any(linear.bias is not None for linear in linears):  # FLUX's have biases; a missing one adds zeros
+        dtype = next(linear.bias.dtype for linear in linears if linear.bias is not None)
+        bias = torch.cat([linear.bias if linear.bias is not None else joined.new_zeros(linear.out_features,
+                                                                                       dtype=dtype)
+                          for linear in linears])
+    block.register_buffer("fp8_qkv_mlp_weight_t", joined.t(), persistent=False)
+    block.register_buffer("fp8_qkv_mlp_weight_scale", torch.cat(scales).reshape(1, -1), persistent=False)
+    block.register_buffer("fp8_qkv_mlp_bias", bias, persistent=False)
+    block.fp8_qkv_mlp_widths = tuple(linear.out_features for linear in linears)
+
+
+def _joined_projections_problem(block: torch.nn.Module) -> str | None:
+    """Why `fuse_single_block_projections` cannot join `block`'s projections, or None."""
+    forward = block.__dict__.get("forward")
+    if getattr(forward, "__func__", None) is not _single_block_with_kernels:
+        return ("fused-qkv-mlp hands one fp8 matmul's output to the single-block kernels' forward: call "
+                "use_single_block_kernels(transformer) first (the single-block-kernels step).")
+    qkv, mlp = block.attn.to_qkv.fp8_input_scale, block.proj_mlp.fp8_input_scale
+    if not torch.equal(qkv, mlp):
+        return (f"fused-qkv-mlp quantizes the normalized tokens once for both projections, and calibration found "
+                f"different input scales for them ({qkv.item():.6g} and {mlp.item():.6g}). Instead: calibrate "
+                "both on the same inputs (apply_speed_recipe does), or leave out fused-qkv-mlp.")
+    return None
+
+
+def fuse_single_block_projections(transformer: torch.nn.Module) -> int:
+    """Run each single-stream block's QKV and MLP projections as one fp8 matmul; returns how many blocks changed.
+
+    Both Linears read the same normalized tokens (BFL's FLUX code holds them as one Linear, `linear1`),
+    so static fp8 calibrated one input scale for both, and one fp8 copy of the tokens serves both: the
+    LayerNorm kernel writes one output instead of two. `joined_qkv_mlp_linear` then runs the matmul
+    with row-wise scales, so each Linear keeps the weight scale torchao gave it: the same products.
+    Needs `use_single_block_kernels` first. Every block is checked before any changes; a second call
+    changes nothing.
+    """
+    blocks = [block for block in transformer.single_transformer_blocks if not hasattr(block, "fp8_qkv_mlp_weight_t")]
+    problem = next(filter(None, map(_joined_projections_problem, blocks)), None)
+    if problem:
+        raise ValueError(problem)
+    for block in blocks:
+        join_qkv_mlp_weights(block)
     return len(blocks)
 
 

@@ -356,42 +356,106 @@ def test_the_single_block_kernels_step_needs_static_fp8_the_rope_kernel_and_trit
         with pytest.raises(ValueError, match="start with float8static-tensor, and add fused-qkv, attn-fa3-fp8 and "
                                              "rope-kernel"):
             speed.parse_speed_recipe(recipe)
+    assert speed.parse_speed_recipe(SINGLE_BLOCK_KERNELS + "+fused-qkv-mlp").fused_qkv_mlp
+    with pytest.raises(ValueError, match="fused-qkv-mlp hands the single-stream blocks' fused projection to the "
+                                         "single-block kernels' forward.*add single-block-kernels"):
+        speed.parse_speed_recipe(SINGLE_BLOCK_KERNELS.replace("single-block-kernels", "fused-qkv-mlp"))
     monkeypatch.setattr(speed.kernels, "triton_problem", lambda: "there is no CUDA GPU here")
     with pytest.raises(ql.UnsupportedHardwareError, match="rope-kernel and single-block-kernels run Triton kernels "
                                                           "for CUDA GPUs, and there is no CUDA GPU here"):
         speed.check_speed_recipe(SINGLE_BLOCK_KERNELS, H100)
 
 
-def test_the_single_block_kernels_compute_what_diffusers_block_computes(tiny_pipe, fa3_installed, triton_installed,
-                                                                        monkeypatch):
-    """The kernels' own arithmetic is checked on a GPU (test_the_single_block_kernels_match_their_references...)."""
-    import torch._inductor.config as inductor_config
-
+@pytest.fixture
+def twins_of_the_kernels(fa3_installed, triton_installed, monkeypatch):
+    """Each Triton kernel replaced by its PyTorch twin, and PyTorch's attention where FA3 runs; yields the calls."""
     calls = []
-    for name in ("qk_norm_rope", "layer_norm_modulate", "gelu_cat"):  # each kernel replaced by its PyTorch twin
+    for name in ("qk_norm_rope", "layer_norm_modulate", "gelu_cat"):
         reference = getattr(ql.kernels, f"{name}_reference")
         monkeypatch.setattr(speed.kernels, f"{name}_fp8",
                             lambda *args, _reference=reference, _name=name, **kwargs: (calls.append(_name),
                                                                                       _reference(*args, **kwargs))[1])
-    monkeypatch.setattr(speed, "FlashAttention3Processor", SdpaInPlaceOfFa3)  # PyTorch's attention where FA3 runs
+    monkeypatch.setattr(speed, "FlashAttention3Processor", SdpaInPlaceOfFa3)
+    return calls
+
+
+def test_the_single_block_kernels_compute_what_diffusers_block_computes(tiny_pipe, twins_of_the_kernels):
+    """The kernels' own arithmetic is checked on a GPU (test_the_single_block_kernels_match_their_references...)."""
+    import torch._inductor.config as inductor_config
+
+    calls = twins_of_the_kernels
     config = tiny_pipe.transformer.config
     inputs = ql.measure.random_transformer_inputs(config, 128, 128, 32)
     calibration = [ql.measure.random_transformer_inputs(config, 128, 128, 32, seed=seed) for seed in (1, 2)]
-    outputs = {}
-    for name in (SINGLE_BLOCK_KERNELS.replace("+single-block-kernels", ""), SINGLE_BLOCK_KERNELS):
-        transformer = copy.deepcopy(tiny_pipe.transformer)
+    outputs, transformers = {}, {}
+    for name in (SINGLE_BLOCK_KERNELS.replace("+single-block-kernels", ""), SINGLE_BLOCK_KERNELS,
+                 SINGLE_BLOCK_KERNELS + "+fused-qkv-mlp"):
+        transformer = transformers[name] = copy.deepcopy(tiny_pipe.transformer)
         with inductor_config.patch(coordinate_descent_tuning=False), torch.no_grad():
             speed.apply_speed_recipe(transformer, name, H100, calibrate=lambda: [transformer(**c) for c in calibration])
             calls.clear()
             outputs[name] = transformer(**inputs)[0]
-    double, single = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
-    assert calls == ["qk_norm_rope"] * double + ["layer_norm_modulate", "qk_norm_rope", "gelu_cat"] * single
-    assert torch.equal(*outputs.values())  # the same steps, the same roundings, the same scales
-    block = transformer.single_transformer_blocks[0]
+            single = ["layer_norm_modulate", "qk_norm_rope", "gelu_cat"] if "single-block" in name else ["qk_norm_rope"]
+            assert calls == ["qk_norm_rope"] * len(transformer.transformer_blocks) + single * len(
+                transformer.single_transformer_blocks)
+    without, with_kernels, with_one_matmul = outputs.values()
+    assert torch.equal(without, with_kernels)  # the same steps, the same roundings, the same scales
+    assert torch.equal(with_kernels, with_one_matmul)  # each Linear keeps its scales in the one matmul
+    block = transformers[SINGLE_BLOCK_KERNELS].single_transformer_blocks[0]
     weight = block.proj_out.weight  # the torchao weight stays; the kernels' operands share its memory
     assert block.proj_out.fp8_weight_t.data_ptr() == weight.qdata.data_ptr()
     assert block.proj_out.fp8_input_scale.item() == weight.act_quant_scale.item()
+    assert not hasattr(block, "fp8_qkv_mlp_weight_t")
     assert speed.use_single_block_kernels(transformer) == 0  # installed once
+    assert speed.fuse_single_block_projections(transformer) == 0
+
+
+def test_one_matmul_runs_both_input_projections_of_a_single_block_with_their_own_scales(tiny_pipe,
+                                                                                        twins_of_the_kernels):
+    transformer = copy.deepcopy(tiny_pipe.transformer)
+    config = transformer.config
+    calibration = [ql.measure.random_transformer_inputs(config, 128, 128, 32, seed=seed) for seed in (1, 2)]
+    with torch.no_grad():
+        speed.apply_speed_recipe(transformer, SINGLE_BLOCK_KERNELS, H100,
+                                 calibrate=lambda: [transformer(**c) for c in calibration])
+    block = transformer.single_transformer_blocks[0]
+    qkv, mlp = block.attn.to_qkv, block.proj_mlp
+    assert torch.equal(qkv.fp8_input_scale, mlp.fp8_input_scale)  # both observed the same normalized tokens
+    x = (torch.randn(2, 5, qkv.in_features, generator=torch.Generator().manual_seed(0)) * 50).to(torch.float8_e4m3fn)
+    separate = [speed.static_fp8_linear(x, linear, torch.bfloat16) for linear in (qkv, mlp)]
+    before = [linear.weight.qdata.clone() for linear in (qkv, mlp)]
+    tokens = torch.randn(2, 5, qkv.in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    torchao_before = [linear(tokens) for linear in (qkv, mlp)]  # torchao's own path: quantize, then matmul
+    assert speed.fuse_single_block_projections(transformer) == len(transformer.single_transformer_blocks)
+    joined = block.fp8_qkv_mlp_weight_t
+    assert joined.shape == (qkv.in_features, qkv.out_features + mlp.out_features)
+    assert qkv.weight.qdata.data_ptr() == joined.data_ptr()  # the torchao weights view the joined one
+    assert mlp.weight.qdata.untyped_storage().data_ptr() == joined.untyped_storage().data_ptr()
+    assert mlp.fp8_weight_t.data_ptr() == mlp.weight.qdata.data_ptr()
+    assert all(torch.equal(b.view(torch.uint8), linear.weight.qdata.view(torch.uint8))
+               for b, linear in zip(before, (qkv, mlp)))
+    assert block.fp8_qkv_mlp_weight_scale.shape == (1, qkv.out_features + mlp.out_features)
+    assert block.fp8_qkv_mlp_weight_scale[0, 0] == qkv.weight.scale.item()
+    assert block.fp8_qkv_mlp_weight_scale[0, -1] == mlp.weight.scale.item() != qkv.weight.scale.item()
+    both = speed.joined_qkv_mlp_linear(x, block, torch.bfloat16)
+    assert [tuple(out.shape) for out in both] == [(2, 5, qkv.out_features), (2, 5, mlp.out_features)]
+    assert all(torch.equal(a, b) for a, b in zip(both, separate))
+    assert all(torch.equal(linear(tokens), out) for linear, out in zip((qkv, mlp), torchao_before))  # on the views
+
+
+def test_one_matmul_for_both_projections_needs_the_kernels_and_one_input_scale(tiny_pipe, twins_of_the_kernels):
+    transformer = copy.deepcopy(tiny_pipe.transformer)
+    with pytest.raises(ValueError, match="call use_single_block_kernels\\(transformer\\) first"):
+        speed.fuse_single_block_projections(transformer)
+    calibration = [ql.measure.random_transformer_inputs(transformer.config, 128, 128, 32, seed=1)]
+    with torch.no_grad():
+        speed.apply_speed_recipe(transformer, SINGLE_BLOCK_KERNELS, H100,
+                                 calibrate=lambda: [transformer(**c) for c in calibration])
+    last = transformer.single_transformer_blocks[-1].proj_mlp
+    last.fp8_input_scale = last.fp8_input_scale * 2
+    with pytest.raises(ValueError, match="different input scales for them.*Instead: calibrate both on the same inputs"):
+        speed.fuse_single_block_projections(transformer)
+    assert not any(hasattr(block, "fp8_qkv_mlp_weight_t") for block in transformer.single_transformer_blocks)
 
 
 def test_a_single_block_kernels_recipe_refuses_a_transformer_not_in_bf16_before_changing_it(tiny_pipe, fa3_installed,
@@ -480,6 +544,38 @@ def test_the_single_block_kernels_compile_in_one_graph_to_what_they_give_eagerly
     compiled = torch.compile(block_end, fullgraph=True)
     for eager, traced in zip(block_end(text, image, shift, scale), compiled(text, image, shift, scale)):
         assert torch.equal(eager.view(torch.uint8), traced.view(torch.uint8))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+                    reason="fp8 matmuls: need a CUDA GPU of compute capability 8.9+")
+def test_one_matmul_for_both_projections_is_as_accurate_as_two_on_a_gpu():
+    """On a GPU the two paths run different kernels (row-wise CUTLASS, per-tensor cuBLAS): not bit for bit."""
+    from torchao.quantization import quantize_
+
+    block = torch.nn.Module()
+    block.attn = torch.nn.Module()
+    block.attn.to_qkv, block.proj_mlp = (torch.nn.Linear(512, n, device="cuda", dtype=torch.bfloat16)
+                                         for n in (1536, 2048))
+    with torch.no_grad():
+        block.proj_mlp.weight.mul_(3)  # a weight scale of its own
+        tokens = torch.randn(2, 256, 512, device="cuda", dtype=torch.bfloat16)
+        quantize_(block, speed._quantization_config("float8static-tensor", step="prepare"))  # new modules
+        block.attn.to_qkv(tokens), block.proj_mlp(tokens)
+        quantize_(block, speed._quantization_config("float8static-tensor", step="convert"),
+                  filter_fn=lambda module, name: hasattr(module, "input_act_obs"))
+        linears = (block.attn.to_qkv, block.proj_mlp)
+        for linear in linears:
+            speed._keep_fp8_operands(linear)
+        input_scale = linears[0].fp8_input_scale
+        x = (tokens.float() / input_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        separate = [speed.static_fp8_linear(x, linear, torch.bfloat16) for linear in linears]
+        speed.join_qkv_mlp_weights(block)
+        both = speed.joined_qkv_mlp_linear(x, block, torch.bfloat16)
+    for one, two, linear in zip(both, separate, linears):  # against the same fp8 operands in float64
+        weight = linear.weight.qdata.double() * linear.fp8_weight_scale.double()
+        exact = (x.double() * input_scale.double()) @ weight.T + linear.bias.double()
+        assert ql.measure.sqnr_db(one, exact) > ql.measure.sqnr_db(two, exact) - 1 > 40
+        assert ql.measure.sqnr_db(one, two) > 40
 
 
 def test_static_fp8_observes_then_quantizes_every_linear_that_runs(tiny_pipe):
