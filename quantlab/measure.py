@@ -147,12 +147,50 @@ def _bnb_state_bytes(state) -> int:
     return total
 
 
+def _memory_spans(tensor: torch.Tensor):
+    """(storage, first byte, end byte) of each plain tensor that `tensor` holds (inside subclasses too)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        for name in tensor.__tensor_flatten__()[0]:
+            yield from _memory_spans(getattr(tensor, name))
+        return
+    size = tensor.element_size()
+    if tensor.device.type == "meta" or tensor.numel() == 0:  # no memory to share: a span of its own
+        yield id(tensor), 0, tensor.numel() * size
+        return
+    start = tensor.storage_offset() * size
+    reach = sum((length - 1) * stride for length, stride in zip(tensor.shape, tensor.stride())) + 1
+    yield tensor.untyped_storage().data_ptr(), start, start + reach * size
+
+
 def weights_bytes(module: torch.nn.Module) -> int:
     """Bytes of `module`'s parameters and buffers as stored, counting quantized storage.
 
-    `parameters()` and `buffers()` yield a shared (tied) tensor once, so it is counted once.
+    Memory is counted once however many tensors view it: `parameters()` and `buffers()` yield a
+    shared (tied) tensor once, and a buffer that views a weight's memory (as chapter 06's kernels
+    keep them, `speed._keep_fp8_operands`) adds nothing.
     """
-    return sum(tensor_storage_bytes(t) for t in [*module.parameters(), *module.buffers()])
+    tensors = [*module.parameters(), *module.buffers()]
+    spans = {}
+    for storage, start, end in (span for tensor in tensors for span in _memory_spans(tensor)):
+        spans.setdefault(storage, []).append((start, end))
+    total = 0
+    for ranges in spans.values():  # the union of each storage's byte ranges
+        reached = 0
+        for start, end in sorted(ranges):
+            total += max(0, end - max(start, reached))
+            reached = max(reached, end)
+    return total + sum(tensor_storage_bytes(tensor) - _plain_bytes(tensor) for tensor in tensors)  # bnb's scales
+
+
+def _plain_bytes(tensor: torch.Tensor) -> int:
+    """What `tensor_storage_bytes` counts for `tensor`'s own elements, without bitsandbytes' scales beside them."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        return sum(_plain_bytes(getattr(tensor, name)) for name in tensor.__tensor_flatten__()[0])
+    return tensor.numel() * tensor.element_size()
 
 
 def component_weights_bytes(pipe) -> dict[str, int]:

@@ -60,6 +60,12 @@ __all__ = [
     "speed_results",
     "fastest_recipe",
     "make_fast",
+    "use_sigmoid_gelu",
+    "use_single_block_kernels",
+    "static_fp8_linear",
+    "fuse_single_block_projections",
+    "join_qkv_mlp_weights",
+    "joined_qkv_mlp_linear",
     "transformer_tflop_per_step",
     "peak_tflops",
     "floor_ms_per_step",
@@ -210,9 +216,9 @@ def parse_speed_recipe(name: str | SpeedRecipe) -> SpeedRecipe:
                          "scale and hands its output to the rope kernel: start with float8static-tensor, and add "
                          "fused-qkv, attn-fa3-fp8 and rope-kernel.")
     if recipe.fused_qkv_mlp and not recipe.single_block_kernels:
-        raise ValueError(f"Speed recipe {name!r}: fused-qkv-mlp hands the single-stream blocks' fused projection to "
-                         "the single-block kernels' forward, which diffusers' own block forward cannot read: add "
-                         "single-block-kernels (and what it needs).")
+        raise ValueError(f"Speed recipe {name!r}: fused-qkv-mlp joins two Linears that only the single-block "
+                         "kernels' forward calls as one matmul (diffusers' block forward calls them one by one): "
+                         "add single-block-kernels (and what it needs).")
     if recipe.cuda_graph and recipe.compile_mode and not recipe.regional:
         raise ValueError(
             f"Speed recipe {name!r}: cuda-graph records the transformer's forward pass, which a whole-model "
@@ -638,7 +644,8 @@ def join_qkv_mlp_weights(block: torch.nn.Module) -> None:
     Both Linears need torchao's static fp8 weights (`float8static-tensor`). Each Linear's torchao
     weight then views its rows of the joined weight, so nothing is stored twice and either Linear still
     runs alone; each also gets its `torch._scaled_mm` operands (`_keep_fp8_operands`), as views of the
-    joined weight, for `static_fp8_linear`.
+    joined weight, for `static_fp8_linear`. The views share memory only where they are: moving the
+    block to another device afterwards (`.to()`) copies each of them apart.
     """
     linears = (block.attn.to_qkv, block.proj_mlp)
     joined = torch.cat([linear.weight.qdata for linear in linears])
@@ -658,17 +665,19 @@ def join_qkv_mlp_weights(block: torch.nn.Module) -> None:
     block.fp8_qkv_mlp_widths = tuple(linear.out_features for linear in linears)
 
 
-def _joined_projections_problem(block: torch.nn.Module) -> str | None:
-    """Why `fuse_single_block_projections` cannot join `block`'s projections, or None."""
+def _joined_projections_problem(index: int, block: torch.nn.Module) -> str | None:
+    """Why `fuse_single_block_projections` cannot join the projections of single-stream block `index`, or None."""
     forward = block.__dict__.get("forward")
     if getattr(forward, "__func__", None) is not _single_block_with_kernels:
-        return ("fused-qkv-mlp hands one fp8 matmul's output to the single-block kernels' forward: call "
+        return (f"Single-stream block {index} runs diffusers' own forward, which calls to_qkv and proj_mlp one by "
+                "one; fused-qkv-mlp's joined matmul needs the single-block kernels' forward. Instead: call "
                 "use_single_block_kernels(transformer) first (the single-block-kernels step).")
     qkv, mlp = block.attn.to_qkv.fp8_input_scale, block.proj_mlp.fp8_input_scale
     if not torch.equal(qkv, mlp):
         return (f"fused-qkv-mlp quantizes the normalized tokens once for both projections, and calibration found "
-                f"different input scales for them ({qkv.item():.6g} and {mlp.item():.6g}). Instead: calibrate "
-                "both on the same inputs (apply_speed_recipe does), or leave out fused-qkv-mlp.")
+                f"different input scales for them in single-stream block {index} ({qkv.item():.6g} and "
+                f"{mlp.item():.6g}). Instead: calibrate both on the same inputs (apply_speed_recipe does), or "
+                "leave out fused-qkv-mlp.")
     return None
 
 
@@ -682,11 +691,12 @@ def fuse_single_block_projections(transformer: torch.nn.Module) -> int:
     Needs `use_single_block_kernels` first. Every block is checked before any changes; a second call
     changes nothing.
     """
-    blocks = [block for block in transformer.single_transformer_blocks if not hasattr(block, "fp8_qkv_mlp_weight_t")]
-    problem = next(filter(None, map(_joined_projections_problem, blocks)), None)
+    blocks = {index: block for index, block in enumerate(transformer.single_transformer_blocks)
+              if not hasattr(block, "fp8_qkv_mlp_weight_t")}
+    problem = next(filter(None, (_joined_projections_problem(index, block) for index, block in blocks.items())), None)
     if problem:
         raise ValueError(problem)
-    for block in blocks:
+    for block in blocks.values():
         join_qkv_mlp_weights(block)
     return len(blocks)
 

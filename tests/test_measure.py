@@ -146,6 +146,15 @@ def test_weights_bytes_counts_tied_weight_once():
     assert weights_bytes(module) == 16 * 32 * 4  # fp32, once
 
 
+def test_weights_bytes_counts_memory_that_views_share_once():
+    module = torch.nn.Linear(16, 32, bias=False)
+    module.register_buffer("weight_t", module.weight.detach().t(), persistent=False)  # the same memory, transposed
+    module.register_buffer("rows", module.weight.detach()[8:24], persistent=False)  # part of it
+    assert weights_bytes(module) == 16 * 32 * 4
+    module.register_buffer("joined", torch.cat([module.weight.detach(), torch.zeros(4, 16)]), persistent=False)
+    assert weights_bytes(module) == (16 * 32 + 36 * 16) * 4  # a copy is memory of its own
+
+
 def test_weights_bytes_counts_buffers():
     module = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False), torch.nn.BatchNorm1d(4))
     module.register_buffer("table", torch.zeros(10, dtype=torch.float64))

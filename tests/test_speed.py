@@ -357,8 +357,8 @@ def test_the_single_block_kernels_step_needs_static_fp8_the_rope_kernel_and_trit
                                              "rope-kernel"):
             speed.parse_speed_recipe(recipe)
     assert speed.parse_speed_recipe(SINGLE_BLOCK_KERNELS + "+fused-qkv-mlp").fused_qkv_mlp
-    with pytest.raises(ValueError, match="fused-qkv-mlp hands the single-stream blocks' fused projection to the "
-                                         "single-block kernels' forward.*add single-block-kernels"):
+    with pytest.raises(ValueError, match="fused-qkv-mlp joins two Linears that only the single-block kernels' "
+                                         "forward calls as one matmul.*add single-block-kernels"):
         speed.parse_speed_recipe(SINGLE_BLOCK_KERNELS.replace("single-block-kernels", "fused-qkv-mlp"))
     monkeypatch.setattr(speed.kernels, "triton_problem", lambda: "there is no CUDA GPU here")
     with pytest.raises(ql.UnsupportedHardwareError, match="rope-kernel and single-block-kernels run Triton kernels "
@@ -408,6 +408,13 @@ def test_the_single_block_kernels_compute_what_diffusers_block_computes(tiny_pip
     assert not hasattr(block, "fp8_qkv_mlp_weight_t")
     assert speed.use_single_block_kernels(transformer) == 0  # installed once
     assert speed.fuse_single_block_projections(transformer) == 0
+    # the kernels' operands view the torchao weights, and the joined weight is the Linears' own memory: only the
+    # joined bias and the scales per output feature (bf16 and float32, one each) are new
+    weights = {name: ql.measure.weights_bytes(transformer) for name, transformer in transformers.items()}
+    qkv, mlp = block.attn.to_qkv, block.proj_mlp
+    new_bytes = len(transformer.single_transformer_blocks) * (qkv.out_features + mlp.out_features) * (2 + 4)
+    assert weights[SINGLE_BLOCK_KERNELS] == weights[SINGLE_BLOCK_KERNELS.replace("+single-block-kernels", "")]
+    assert weights[SINGLE_BLOCK_KERNELS + "+fused-qkv-mlp"] == weights[SINGLE_BLOCK_KERNELS] + new_bytes
 
 
 def test_one_matmul_runs_both_input_projections_of_a_single_block_with_their_own_scales(tiny_pipe,
@@ -445,15 +452,18 @@ def test_one_matmul_runs_both_input_projections_of_a_single_block_with_their_own
 
 def test_one_matmul_for_both_projections_needs_the_kernels_and_one_input_scale(tiny_pipe, twins_of_the_kernels):
     transformer = copy.deepcopy(tiny_pipe.transformer)
-    with pytest.raises(ValueError, match="call use_single_block_kernels\\(transformer\\) first"):
+    with pytest.raises(ValueError, match="Single-stream block 0 runs diffusers' own forward.*call "
+                                         "use_single_block_kernels\\(transformer\\) first"):
         speed.fuse_single_block_projections(transformer)
     calibration = [ql.measure.random_transformer_inputs(transformer.config, 128, 128, 32, seed=1)]
     with torch.no_grad():
         speed.apply_speed_recipe(transformer, SINGLE_BLOCK_KERNELS, H100,
                                  calibrate=lambda: [transformer(**c) for c in calibration])
-    last = transformer.single_transformer_blocks[-1].proj_mlp
+    last_index = len(transformer.single_transformer_blocks) - 1
+    last = transformer.single_transformer_blocks[last_index].proj_mlp
     last.fp8_input_scale = last.fp8_input_scale * 2
-    with pytest.raises(ValueError, match="different input scales for them.*Instead: calibrate both on the same inputs"):
+    with pytest.raises(ValueError, match=f"different input scales for them in single-stream block {last_index} .*"
+                                         "Instead: calibrate both on the same inputs"):
         speed.fuse_single_block_projections(transformer)
     assert not any(hasattr(block, "fp8_qkv_mlp_weight_t") for block in transformer.single_transformer_blocks)
 
@@ -549,7 +559,7 @@ def test_the_single_block_kernels_compile_in_one_graph_to_what_they_give_eagerly
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
                     reason="fp8 matmuls: need a CUDA GPU of compute capability 8.9+")
 def test_one_matmul_for_both_projections_is_as_accurate_as_two_on_a_gpu():
-    """On a GPU the two paths run different kernels (row-wise CUTLASS, per-tensor cuBLAS): not bit for bit."""
+    """On a GPU the two paths may run different kernels (row-wise and per-tensor scaling): not bit for bit."""
     from torchao.quantization import quantize_
 
     block = torch.nn.Module()
