@@ -112,6 +112,29 @@ def new_row(model: str, recipe: str, device: str | env.DeviceInfo | None = None,
 # --- memory -----------------------------------------------------------------------------------
 
 
+def _plain_tensors(tensor: torch.Tensor):
+    """The plain tensors that hold `tensor`'s data: itself, or the inner tensors of a quantized subclass."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        for name in tensor.__tensor_flatten__()[0]:
+            yield from _plain_tensors(getattr(tensor, name))
+    else:
+        yield tensor
+
+
+def _beside_bytes(tensor: torch.Tensor) -> int:
+    """Bytes that bitsandbytes keeps beside a plain tensor's elements: `quant_state` (4-bit) or `SCB` (8-bit)."""
+    total = 0
+    state = getattr(tensor, "quant_state", None)
+    if state is not None:  # bitsandbytes 4-bit: absmax, the code table and, nested, their own state
+        total += _bnb_state_bytes(state)
+    scb = getattr(tensor, "SCB", None)
+    if isinstance(scb, torch.Tensor):  # bitsandbytes 8-bit: one fp32 scale per row
+        total += scb.numel() * scb.element_size()
+    return total
+
+
 def tensor_storage_bytes(tensor: torch.Tensor) -> int:
     """Bytes a tensor really stores, looking inside quantized tensor subclasses.
 
@@ -120,19 +143,7 @@ def tensor_storage_bytes(tensor: torch.Tensor) -> int:
     bitsandbytes keeps its scales beside the packed weight, in `quant_state` (4-bit) or `SCB`
     (8-bit).
     """
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if is_traceable_wrapper_subclass(tensor):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_storage_bytes(getattr(tensor, name)) for name in names)
-    total = tensor.numel() * tensor.element_size()
-    state = getattr(tensor, "quant_state", None)
-    if state is not None:  # bitsandbytes 4-bit: absmax, the code table and, nested, their own state
-        total += _bnb_state_bytes(state)
-    scb = getattr(tensor, "SCB", None)
-    if isinstance(scb, torch.Tensor):  # bitsandbytes 8-bit: one fp32 scale per row
-        total += scb.numel() * scb.element_size()
-    return total
+    return sum(plain.numel() * plain.element_size() + _beside_bytes(plain) for plain in _plain_tensors(tensor))
 
 
 def _bnb_state_bytes(state) -> int:
@@ -147,21 +158,14 @@ def _bnb_state_bytes(state) -> int:
     return total
 
 
-def _memory_spans(tensor: torch.Tensor):
-    """(storage, first byte, end byte) of each plain tensor that `tensor` holds (inside subclasses too)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if is_traceable_wrapper_subclass(tensor):
-        for name in tensor.__tensor_flatten__()[0]:
-            yield from _memory_spans(getattr(tensor, name))
-        return
-    size = tensor.element_size()
-    if tensor.device.type == "meta" or tensor.numel() == 0:  # no memory to share: a span of its own
-        yield id(tensor), 0, tensor.numel() * size
-        return
-    start = tensor.storage_offset() * size
-    reach = sum((length - 1) * stride for length, stride in zip(tensor.shape, tensor.stride())) + 1
-    yield tensor.untyped_storage().data_ptr(), start, start + reach * size
+def _memory_span(plain: torch.Tensor) -> tuple[int, int, int]:
+    """(storage, first byte, end byte) of the memory a plain tensor reaches."""
+    size = plain.element_size()
+    if plain.device.type == "meta" or plain.numel() == 0:  # no memory to share: a span of its own
+        return id(plain), 0, plain.numel() * size
+    start = plain.storage_offset() * size
+    reach = sum((length - 1) * stride for length, stride in zip(plain.shape, plain.stride())) + 1
+    return plain.untyped_storage().data_ptr(), start, start + reach * size
 
 
 def weights_bytes(module: torch.nn.Module) -> int:
@@ -171,9 +175,9 @@ def weights_bytes(module: torch.nn.Module) -> int:
     shared (tied) tensor once, and a buffer that views a weight's memory (as chapter 06's kernels
     keep them, `speed._keep_fp8_operands`) adds nothing.
     """
-    tensors = [*module.parameters(), *module.buffers()]
+    plains = [plain for tensor in [*module.parameters(), *module.buffers()] for plain in _plain_tensors(tensor)]
     spans = {}
-    for storage, start, end in (span for tensor in tensors for span in _memory_spans(tensor)):
+    for storage, start, end in map(_memory_span, plains):
         spans.setdefault(storage, []).append((start, end))
     total = 0
     for ranges in spans.values():  # the union of each storage's byte ranges
@@ -181,16 +185,7 @@ def weights_bytes(module: torch.nn.Module) -> int:
         for start, end in sorted(ranges):
             total += max(0, end - max(start, reached))
             reached = max(reached, end)
-    return total + sum(tensor_storage_bytes(tensor) - _plain_bytes(tensor) for tensor in tensors)  # bnb's scales
-
-
-def _plain_bytes(tensor: torch.Tensor) -> int:
-    """What `tensor_storage_bytes` counts for `tensor`'s own elements, without bitsandbytes' scales beside them."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if is_traceable_wrapper_subclass(tensor):
-        return sum(_plain_bytes(getattr(tensor, name)) for name in tensor.__tensor_flatten__()[0])
-    return tensor.numel() * tensor.element_size()
+    return total + sum(map(_beside_bytes, plains))
 
 
 def component_weights_bytes(pipe) -> dict[str, int]:

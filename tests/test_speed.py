@@ -417,14 +417,18 @@ def test_the_single_block_kernels_compute_what_diffusers_block_computes(tiny_pip
     assert weights[SINGLE_BLOCK_KERNELS + "+fused-qkv-mlp"] == weights[SINGLE_BLOCK_KERNELS] + new_bytes
 
 
-def test_one_matmul_runs_both_input_projections_of_a_single_block_with_their_own_scales(tiny_pipe,
-                                                                                        twins_of_the_kernels):
-    transformer = copy.deepcopy(tiny_pipe.transformer)
-    config = transformer.config
-    calibration = [ql.measure.random_transformer_inputs(config, 128, 128, 32, seed=seed) for seed in (1, 2)]
+def _with_single_block_kernels(transformer, seeds=(1, 2)):
+    """`transformer` (a copy of the tiny one) with SINGLE_BLOCK_KERNELS, calibrated on random inputs of `seeds`."""
+    calibration = [ql.measure.random_transformer_inputs(transformer.config, 128, 128, 32, seed=seed) for seed in seeds]
     with torch.no_grad():
         speed.apply_speed_recipe(transformer, SINGLE_BLOCK_KERNELS, H100,
                                  calibrate=lambda: [transformer(**c) for c in calibration])
+    return transformer
+
+
+def test_one_matmul_runs_both_input_projections_of_a_single_block_with_their_own_scales(tiny_pipe,
+                                                                                        twins_of_the_kernels):
+    transformer = _with_single_block_kernels(copy.deepcopy(tiny_pipe.transformer))
     block = transformer.single_transformer_blocks[0]
     qkv, mlp = block.attn.to_qkv, block.proj_mlp
     assert torch.equal(qkv.fp8_input_scale, mlp.fp8_input_scale)  # both observed the same normalized tokens
@@ -455,10 +459,7 @@ def test_one_matmul_for_both_projections_needs_the_kernels_and_one_input_scale(t
     with pytest.raises(ValueError, match="Single-stream block 0 runs diffusers' own forward.*call "
                                          "use_single_block_kernels\\(transformer\\) first"):
         speed.fuse_single_block_projections(transformer)
-    calibration = [ql.measure.random_transformer_inputs(transformer.config, 128, 128, 32, seed=1)]
-    with torch.no_grad():
-        speed.apply_speed_recipe(transformer, SINGLE_BLOCK_KERNELS, H100,
-                                 calibrate=lambda: [transformer(**c) for c in calibration])
+    _with_single_block_kernels(transformer, seeds=(1,))
     last_index = len(transformer.single_transformer_blocks) - 1
     last = transformer.single_transformer_blocks[last_index].proj_mlp
     last.fp8_input_scale = last.fp8_input_scale * 2
