@@ -55,6 +55,10 @@ __all__ = [
     "INDUCTOR_FLAGS",
     "PEAK_DENSE_TFLOPS",
     "parse_speed_recipe",
+    "ComputeCall",
+    "record_compute_calls",
+    "replay_compute_calls",
+    "run_compute_only",
     "check_speed_recipe",
     "apply_speed_recipe",
     "speed_results",
@@ -1192,6 +1196,144 @@ def run_attention(variant: str, *, tokens: int = 4608, heads: int = 24, head_dim
     )
 
 
+# The operators that do a step's arithmetic, as PyTorch's dispatcher names them: the matmuls (torchao's fp8
+# Linears and quantlab's end in `_scaled_mm`, bf16 Linears in `mm` or `addmm`), and attention (FA3's `fwd`, or
+# one of PyTorch's kernels, whose q, k and v are (batch, heads, tokens, head_dim)).
+_MATMUL_OPS = ("_scaled_mm", "mm", "addmm", "bmm")
+_ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_efficient_attention")
+COMPUTE_ONLY_PREFIX = "compute-only:"
+
+
+@dataclass(frozen=True)
+class ComputeCall:
+    """One matmul or attention call of a step, with the operands it ran on (the same tensors, not copies)."""
+
+    op: Any  # a torch OpOverload, e.g. torch.ops.aten._scaled_mm.default
+    args: tuple
+    kwargs: dict
+    kind: str  # "matmul" or "attention"
+    tflop: float  # 2 FLOP per multiply-add, as transformer_tflop_per_step counts
+
+
+def _compute_call(op, args: tuple, kwargs: dict) -> ComputeCall | None:
+    """`op(*args, **kwargs)` as a ComputeCall if it is a matmul or an attention on plain tensors, else None."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        return None  # a quantized tensor subclass: its own dispatch runs (and is recorded as) the plain call
+    name = op.overloadpacket.__name__
+    if op.namespace == "fa3_fwd" and name == "fwd":  # q and k are (batch, tokens, heads, head_dim)
+        return ComputeCall(op, args, kwargs, "attention", 4 * args[0].numel() * args[1].shape[1] / 1e12)
+    if op.namespace != "aten":
+        return None
+    if name in _ATTENTION_OPS:
+        return ComputeCall(op, args, kwargs, "attention", 4 * args[0].numel() * args[1].shape[-2] / 1e12)
+    if name in _MATMUL_OPS:
+        a, b = args[1:3] if name == "addmm" else args[:2]
+        return ComputeCall(op, args, kwargs, "matmul", 2 * a.numel() * b.shape[-1] / 1e12)
+    return None
+
+
+def record_compute_calls(step: Callable[[], Any]) -> list[ComputeCall]:
+    """Run `step()` once, eagerly, and keep each matmul and attention call it makes, in order, with its operands.
+
+    What is left of a step when every elementwise kernel and every wait between kernels is taken away:
+    `replay_compute_calls` runs just these, on the step's own data. The kept operands stay in memory.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: list[ComputeCall] = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            call = _compute_call(op, args, kwargs)
+            if call is not None:
+                calls.append(call)
+            return op(*args, **kwargs)
+
+    with torch.no_grad(), Recorder():
+        step()
+    return calls
+
+
+def replay_compute_calls(calls: list[ComputeCall]) -> list[Any]:
+    """Run each recorded call again, in order, on its recorded operands; returns their outputs."""
+    return [call.op(*call.args, **call.kwargs) for call in calls]
+
+
+def _eager_part(recipe: SpeedRecipe) -> SpeedRecipe:
+    """`recipe` without what changes only how its kernels are launched or fused (compile, CUDA graph, GELU form)."""
+    steps = [step for step in recipe.name.split("+")[1:]
+             if not step.startswith("compile") and step not in ("cuda-graph", "inductor-flags", "gelu-sigmoid")]
+    return parse_speed_recipe("+".join([recipe.name.split("+")[0], *steps]))
+
+
+def run_compute_only(name: str, model: str = "flux-dev-shaped", *, height: int = 1024, width: int = 1024,
+                     text_tokens: int = 512, warmup: int = 2, repeats: int = 10, device: str | None = None,
+                     seed: int = 0, profile: bool = False) -> measure.Measurement:
+    """Time a step's matmuls and attention alone: `compute-only:<recipe>`, e.g. `compute-only:bf16+fused-qkv`.
+
+    The transformer gets the recipe's weights, projections, attention and kernels, and runs one step
+    eagerly (compile and the CUDA graph change only how kernels launch). Its matmul and attention calls
+    are recorded with their operands (`record_compute_calls`), then replayed back to back, on a GPU as
+    one CUDA graph, and timed like a step: the median of `repeats` after `warmup`. This is the fastest
+    the step could run at the clock its arithmetic leaves the GPU, with no elementwise work at all.
+    """
+    if not name.startswith(COMPUTE_ONLY_PREFIX):
+        raise ValueError(f"Unknown variant {name!r}: {COMPUTE_ONLY_PREFIX}<recipe>, e.g. {COMPUTE_ONLY_PREFIX}bf16.")
+    device = device or env.default_device()
+    info = env.device_info(device)
+    eager = _eager_part(check_speed_recipe(name.removeprefix(COMPUTE_ONLY_PREFIX), info))
+    dtype = env.default_dtype(info)
+    transformer = models.build_component(model, "transformer", device=device, dtype=dtype, seed=seed)
+    inputs = measure.random_transformer_inputs(transformer.config, height, width, text_tokens, device=device,
+                                               dtype=dtype, seed=seed)
+    tflop = transformer_tflop_per_step(transformer, height, width, text_tokens)
+    calibrate = None
+    if eager.quantization == "float8static-tensor":  # as run_speed_recipe calibrates
+        calibration = [{**measure.random_transformer_inputs(transformer.config, height, width, text_tokens,
+                                                            device=device, dtype=dtype, seed=seed + 1 + i),
+                        "timestep": torch.tensor([t], device=device, dtype=dtype)}
+                       for i, t in enumerate(CALIBRATION_TIMESTEPS)]
+        calibrate = lambda: [transformer(**c) for c in calibration]  # noqa: E731
+    from diffusers.models.attention_dispatch import attention_backend
+
+    with attention_backend("native"), torch.no_grad():
+        apply_speed_recipe(transformer, eager, info, calibrate=calibrate)
+        transformer(**inputs)  # the first run loads kernels and picks algorithms; the second is recorded
+        calls = record_compute_calls(lambda: transformer(**inputs))
+        replay = functools.partial(replay_compute_calls, calls)
+        if device.startswith("cuda"):
+            replay()  # once outside the graph, on the capture's side stream as PyTorch advises
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replay()
+            replay = graph.replay
+        timing = measure.time_callable(replay, warmup=warmup, repeats=repeats, device=device)
+        profiled = profile_step(replay, device=device) if profile else None
+    by_kind = {kind: sum(c.tflop for c in calls if c.kind == kind) for kind in ("matmul", "attention")}
+    extra: dict[str, Any] = {
+        "recorded_from": eager.name, "text_tokens": text_tokens, "calls": len(calls),
+        "calls_by_kind": {kind: sum(c.kind == kind for c in calls) for kind in by_kind},
+        "recorded_tflop": by_kind, **tflop, "achieved_tflops": sum(by_kind.values()) / timing.median_s,
+        "floor_bf16_ms": floor_ms_per_step(tflop, info.name),
+        "floor_fp8_linears_ms": floor_ms_per_step(tflop, info.name, fp8_linears=True),
+        "replayed_as": "one CUDA graph" if device.startswith("cuda") else "the calls one by one",
+        "fa3_fwd": metadata.version("fa3-fwd") if eager.attention in FA3_ATTENTION else None,
+    }
+    if profiled:
+        extra["profile"] = profiled
+    row = measure.new_row(
+        model, name, info, height=height, width=width, steps=1, ms_per_step=timing.median_s * 1e3,
+        ms_per_step_iqr=timing.iqr_s * 1e3, repeats=repeats, peak_gpu_mem_gib=measure.peak_gpu_memory_gib(device),
+        notes=f"{model} transformer alone, {height}x{width}, {text_tokens} text tokens, random weights: only the "
+        "step's matmul and attention calls, replayed on the operands one step recorded", extra=extra)
+    del transformer, calls
+    gc.collect()
+    return row
+
+
 def run_matmuls(variant: str, model: str = "flux-dev-shaped", *, height: int = 1024, width: int = 1024,
                 text_tokens: int = 512, calls: int = 10, warmup: int = 2, repeats: int = 10,
                 device: str | None = None, seed: int = 0) -> measure.Measurement:
@@ -1277,6 +1419,9 @@ def main(argv: list[str] | None = None) -> int:
             elif name.startswith("matmuls-"):
                 row = run_matmuls(name, args.model, height=args.height, width=args.width, warmup=args.warmup,
                                   repeats=args.repeats)
+            elif name.startswith(COMPUTE_ONLY_PREFIX):
+                row = run_compute_only(name, args.model, height=args.height, width=args.width, warmup=args.warmup,
+                                       repeats=args.repeats, profile=args.profile)
             elif name.startswith("vae-decode"):
                 row = run_vae_decode(name, args.model, height=args.height, width=args.width, warmup=args.warmup,
                                      repeats=args.repeats)

@@ -673,6 +673,50 @@ def test_the_matmuls_of_a_step_are_timed_shape_by_shape():
         speed.run_matmuls("matmuls-int4", "tiny", device="cpu")
 
 
+def test_a_steps_matmuls_and_attention_are_recorded_with_their_operands(tiny_pipe, twins_of_the_kernels):
+    transformer = _with_single_block_kernels(copy.deepcopy(tiny_pipe.transformer))
+    speed.fuse_single_block_projections(transformer)
+    inputs = ql.measure.random_transformer_inputs(transformer.config, 128, 128, 32)
+    with torch.no_grad():
+        output = transformer(**inputs)[0]
+        calls = speed.record_compute_calls(lambda: transformer(**inputs))
+        replayed = speed.replay_compute_calls(calls)
+    flops = speed.transformer_tflop_per_step(transformer, 128, 128, 32)
+    blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+    attention = [c for c in calls if c.kind == "attention"]
+    assert len(attention) == blocks  # the tests' stand-in for FA3 is PyTorch's CPU kernel
+    assert sum(c.tflop for c in attention) == pytest.approx(flops["attention_tflop"])
+    # every Linear that runs, once, as torch._scaled_mm (static fp8 quantizes them all), and each single-stream
+    # block's to_qkv and proj_mlp as one
+    assert sum(c.tflop for c in calls if c.kind == "matmul") == pytest.approx(flops["linear_tflop"])
+    assert {c.op.overloadpacket.__name__ for c in calls if c.kind == "matmul"} == {"_scaled_mm"}
+    unused = speed._unused_projections(transformer)
+    linears = sum(isinstance(m, torch.nn.Linear) and name not in unused for name, m in transformer.named_modules())
+    assert len(calls) - len(attention) == linears - len(transformer.single_transformer_blocks)
+    # the operands are the step's own: the last call, replayed, gives the transformer's output
+    assert calls[-1].kind == "matmul" and torch.equal(replayed[-1].view_as(output), output)
+
+
+def test_the_compute_only_step_times_the_recorded_calls_of_the_eager_recipe():
+    row = speed.run_compute_only("compute-only:bf16+fused-qkv+compile-regional", "tiny", height=64,
+                                 width=64, text_tokens=8, warmup=0, repeats=2, device="cpu")
+    transformer = ql.models.meta_component("tiny", "transformer")
+    transformer.fuse_qkv_projections()
+    flops = speed.transformer_tflop_per_step(transformer, 64, 64, 8)
+    extra = row.extra
+    assert extra["recorded_from"] == "bf16+fused-qkv"  # compiling only changes how the kernels launch
+    assert extra["recorded_tflop"]["matmul"] == pytest.approx(flops["linear_tflop"])
+    assert extra["recorded_tflop"]["attention"] == pytest.approx(flops["attention_tflop"])
+    config = transformer.config
+    assert extra["calls_by_kind"]["attention"] == config.num_layers + config.num_single_layers
+    assert extra["achieved_tflops"] == pytest.approx(flops["total_tflop"] / row.ms_per_step * 1e3)
+    assert row.recipe == "compute-only:bf16+fused-qkv+compile-regional" and row.ms_per_step > 0
+    with pytest.raises(ValueError, match="compute-only:<recipe>"):
+        speed.run_compute_only("bf16+fused-qkv", "tiny", device="cpu")
+    with pytest.raises(ql.UnsupportedHardwareError, match="Hopper"):
+        speed.run_compute_only("compute-only:bf16+attn-fa3", "tiny", device="cpu")
+
+
 def test_attention_alone_is_timed_at_flux_dev_shape_and_checked_against_float32():
     row = speed.run_attention("attention-native", tokens=256, heads=2, head_dim=64, blocks=57, calls=2, warmup=1,
                               repeats=2, device="cpu")
