@@ -1198,10 +1198,12 @@ def run_attention(variant: str, *, tokens: int = 4608, heads: int = 24, head_dim
 
 # The operators that do a step's arithmetic, as PyTorch's dispatcher names them: the matmuls (torchao's fp8
 # Linears and quantlab's end in `_scaled_mm`, bf16 Linears in `mm` or `addmm`), and attention (FA3's `fwd`, or
-# one of PyTorch's kernels, whose q, k and v are (batch, heads, tokens, head_dim)).
+# one of PyTorch's kernels, whose q, k and v are (batch, heads, tokens, head_dim)). A recorded call's own inner
+# calls are not recorded again.
 _MATMUL_OPS = ("_scaled_mm", "mm", "addmm", "bmm")
 _ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
                   "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_efficient_attention")
+_FA3_OPS = ("_flash_attn_forward", "fwd")  # fa3-fwd's custom op, which calls its kernel's op
 COMPUTE_ONLY_PREFIX = "compute-only:"
 
 
@@ -1222,7 +1224,7 @@ def _compute_call(op, args: tuple, kwargs: dict) -> ComputeCall | None:
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
         return None  # a quantized tensor subclass: its own dispatch runs (and is recorded as) the plain call
     name = op.overloadpacket.__name__
-    if op.namespace == "fa3_fwd" and name == "fwd":  # q and k are (batch, tokens, heads, head_dim)
+    if op.namespace == "fa3_fwd" and name in _FA3_OPS:  # q and k are (batch, tokens, heads, head_dim)
         return ComputeCall(op, args, kwargs, "attention", 4 * args[0].numel() * args[1].shape[1] / 1e12)
     if op.namespace != "aten":
         return None
