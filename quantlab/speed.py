@@ -1307,7 +1307,7 @@ def run_compute_only(name: str, model: str = "flux-dev-shaped", *, height: int =
         calls = record_compute_calls(lambda: transformer(**inputs))
         replay = functools.partial(replay_compute_calls, calls)
         if device.startswith("cuda"):
-            replay()  # once outside the graph, on the capture's side stream as PyTorch advises
+            replay()  # once outside the graph first, so that capturing records no first-call work
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 replay()
