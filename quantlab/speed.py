@@ -1001,6 +1001,23 @@ def _inductor_settings_restored():
     return inductor_config.patch({key: inductor_config.get_config_copy()[key] for key in keys})
 
 
+def _transformer_to_time(recipe: SpeedRecipe, model: str, height: int, width: int, text_tokens: int, device: str,
+                         dtype: torch.dtype, seed: int):
+    """`model`'s transformer with seeded random weights, the inputs of the timed step, its TFLOP, and a function
+    that calibrates static fp8 (None for other recipes) on other inputs than the timed ones, at three noise levels."""
+    transformer = models.build_component(model, "transformer", device=device, dtype=dtype, seed=seed)
+    inputs = measure.random_transformer_inputs(transformer.config, height, width, text_tokens, device=device,
+                                               dtype=dtype, seed=seed)
+    calibrate = None
+    if recipe.quantization == "float8static-tensor":
+        calibration = [{**measure.random_transformer_inputs(transformer.config, height, width, text_tokens,
+                                                            device=device, dtype=dtype, seed=seed + 1 + i),
+                        "timestep": torch.tensor([t], device=device, dtype=dtype)}
+                       for i, t in enumerate(CALIBRATION_TIMESTEPS)]
+        calibrate = lambda: [transformer(**c) for c in calibration]  # noqa: E731
+    return transformer, inputs, transformer_tflop_per_step(transformer, height, width, text_tokens), calibrate
+
+
 def _time_speed_recipe(recipe: SpeedRecipe, model: str, info: env.DeviceInfo, height: int, width: int,
                        text_tokens: int, warmup: int, repeats: int, reference: str | None, device: str,
                        seed: int, profile: bool = False) -> measure.Measurement:
@@ -1009,17 +1026,8 @@ def _time_speed_recipe(recipe: SpeedRecipe, model: str, info: env.DeviceInfo, he
     torch._dynamo.reset()  # each recipe compiles from nothing, and counts only its own graphs
     counters.clear()
     dtype = env.default_dtype(info)
-    transformer = models.build_component(model, "transformer", device=device, dtype=dtype, seed=seed)
-    inputs = measure.random_transformer_inputs(transformer.config, height, width, text_tokens, device=device,
-                                               dtype=dtype, seed=seed)
-    tflop = transformer_tflop_per_step(transformer, height, width, text_tokens)
-    calibrate = None
-    if recipe.quantization == "float8static-tensor":  # other inputs than the timed ones, at three noise levels
-        calibration = [{**measure.random_transformer_inputs(transformer.config, height, width, text_tokens,
-                                                            device=device, dtype=dtype, seed=seed + 1 + i),
-                        "timestep": torch.tensor([t], device=device, dtype=dtype)}
-                       for i, t in enumerate(CALIBRATION_TIMESTEPS)]
-        calibrate = lambda: [transformer(**c) for c in calibration]  # noqa: E731
+    transformer, inputs, tflop, calibrate = _transformer_to_time(recipe, model, height, width, text_tokens, device,
+                                                                 dtype, seed)
     measure.reset_peak_gpu_memory(device)
     started = time.perf_counter()
     apply_speed_recipe(transformer, recipe, info, calibrate=calibrate)
@@ -1288,17 +1296,8 @@ def run_compute_only(name: str, model: str = "flux-dev-shaped", *, height: int =
     info = env.device_info(device)
     eager = _eager_part(check_speed_recipe(name.removeprefix(COMPUTE_ONLY_PREFIX), info))
     dtype = env.default_dtype(info)
-    transformer = models.build_component(model, "transformer", device=device, dtype=dtype, seed=seed)
-    inputs = measure.random_transformer_inputs(transformer.config, height, width, text_tokens, device=device,
-                                               dtype=dtype, seed=seed)
-    tflop = transformer_tflop_per_step(transformer, height, width, text_tokens)
-    calibrate = None
-    if eager.quantization == "float8static-tensor":  # as run_speed_recipe calibrates
-        calibration = [{**measure.random_transformer_inputs(transformer.config, height, width, text_tokens,
-                                                            device=device, dtype=dtype, seed=seed + 1 + i),
-                        "timestep": torch.tensor([t], device=device, dtype=dtype)}
-                       for i, t in enumerate(CALIBRATION_TIMESTEPS)]
-        calibrate = lambda: [transformer(**c) for c in calibration]  # noqa: E731
+    transformer, inputs, tflop, calibrate = _transformer_to_time(eager, model, height, width, text_tokens, device,
+                                                                 dtype, seed)
     from diffusers.models.attention_dispatch import attention_backend
 
     with attention_backend("native"), torch.no_grad():
