@@ -1205,7 +1205,7 @@ def run_attention(variant: str, *, tokens: int = 4608, heads: int = 24, head_dim
 
 
 # The operators that do a step's arithmetic, as PyTorch's dispatcher names them: the matmuls (torchao's fp8
-# Linears and quantlab's end in `_scaled_mm`, bf16 Linears in `mm` or `addmm`), and attention (FA3's `fwd`, or
+# Linears and quantlab's end in `_scaled_mm`, bf16 Linears in `mm` or `addmm`), and attention (FA3's custom op, or
 # one of PyTorch's kernels, whose q, k and v are (batch, heads, tokens, head_dim)). A recorded call's own inner
 # calls are not recorded again.
 _MATMUL_OPS = ("_scaled_mm", "mm", "addmm", "bmm")
