@@ -39,7 +39,7 @@ lab: $(STAMP)
 
 # The Colab copies of the chapters (colab/), regenerated from notebooks/; tests/test_colab.py checks they are current.
 colab: $(STAMP)
-	$(PY) -m quantlab.colab
+	$(PY) -m quantlab.lab.colab
 
 clean:
 	rm -rf $(OUT) .pytest_cache

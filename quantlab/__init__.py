@@ -1,42 +1,45 @@
-"""quantlab: the helper package behind the course on quantizing FLUX.1 with diffusers.
+"""quantlab: the helper library behind the course on quantizing FLUX.1 with diffusers.
 
-Notebooks import it as ``import quantlab as ql`` and call ``ql.models``, ``ql.recipes``,
-``ql.measure``, ``ql.viz`` and ``ql.env``, and a module per topic (``ql.bnb``, ``ql.gguf``,
-``ql.torchao``, ``ql.quanto``, ``ql.memory``, ``ql.speed`` (with its Triton kernel in ``ql.kernels``), ``ql.compare``, ``ql.plan``, ``ql.lowram``); the
-most used functions are also here at the top.
+Chapters import it as ``import quantlab as ql``. The core: ``ql.models`` (what loads), ``ql.recipes`` (one
+registry of named recipes, each checked against the hardware), ``ql.measure`` (memory, time, rows),
+``ql.quality`` (error and prompt accuracy), ``ql.viz``, ``ql.env`` (the machine) and ``ql.pipeline``
+(loading a recipe and running it). Then one module per topic: ``ql.bnb``, ``ql.gguf`` (with its block
+quantizers in ``ql.gguf_quants``), ``ql.torchao``, ``ql.quanto``, ``ql.memory``, ``ql.speed``,
+``ql.compare``, ``ql.plan``, ``ql.newer`` (chapter 08's backends) and ``ql.shapes``. The lab that makes
+``results/`` is ``quantlab.lab``; chapters never import it.
 """
 
-import importlib
+from . import env as _env
 
-from . import (bnb, compare, env, gguf, gguf_quants, kernels, measure, memory, models, plan, quanto, recipes, shapes,
-               speed, torchao, viz)
-from .env import report
+_env.quiet_import_notices()  # before any library is imported: see env.KNOWN_IMPORT_NOTICES
+
+from . import (bnb, compare, env, files, gguf, gguf_quants, measure, memory, models, pipeline, plan, quality,
+               quanto, recipes, shapes, speed, torchao, viz)
+from .env import UnsupportedHardwareError, report
 from .models import ModelUnavailableError, get_model, list_models, model_path
-from .recipes import UnsupportedHardwareError, check_runs_here, get_recipe, list_recipes, load_pipeline
+from .pipeline import load_pipeline, run_recipe
+from .recipes import get_recipe, list_recipes
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "bench",
     "bnb",
-    "colab",
     "compare",
-    "course",
     "env",
+    "files",
     "gguf",
     "gguf_quants",
-    "kernels",
-    "lowram",
     "measure",
     "memory",
     "models",
+    "pipeline",
     "plan",
+    "quality",
     "quanto",
     "recipes",
     "shapes",
     "speed",
     "torchao",
-    "train_mini",
     "viz",
     "report",
     "ModelUnavailableError",
@@ -44,16 +47,8 @@ __all__ = [
     "get_model",
     "list_models",
     "model_path",
-    "check_runs_here",
     "get_recipe",
     "list_recipes",
     "load_pipeline",
+    "run_recipe",
 ]
-
-
-def __getattr__(name: str):
-    # `ql.bench`, `ql.colab`, `ql.course`, `ql.lowram` and `ql.train_mini` are command-line modules too (`python -m
-    # quantlab.bench`), so they are imported on first use rather than with the package.
-    if name in ("bench", "colab", "course", "lowram", "train_mini"):
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'quantlab' has no attribute {name!r}")

@@ -165,9 +165,9 @@ def outlier_column_fraction(activations: torch.Tensor, threshold: float) -> floa
 def layer_errors(model: torch.nn.Module, linear_inputs: dict[str, torch.Tensor], config) -> list[dict]:
     """Each Linear's own relative output error when only that layer is quantized with `config`.
 
-    `linear_inputs` holds each layer's real input (from `ql.measure.capture_linear_inputs`).
+    `linear_inputs` holds each layer's real input (from `ql.quality.capture_linear_inputs`).
     """
-    from . import measure
+    from . import quality
 
     rows = []
     for name, x in linear_inputs.items():
@@ -175,7 +175,7 @@ def layer_errors(model: torch.nn.Module, linear_inputs: dict[str, torch.Tensor],
         quantized = quantize_linear(layer, config)
         with torch.no_grad():
             x = x.to(layer.weight.device, layer.weight.dtype)
-            error = measure.relative_error(quantized(x), layer(x))
+            error = quality.relative_error(quantized(x), layer(x))
         rows.append({"layer": name, "in_features": layer.in_features, "out_features": layer.out_features,
                      "relative_error": error})
     return rows

@@ -1,31 +1,29 @@
 """Chapter 07: one run of every recipe, side by side, and which one to choose.
 
-`run_comparison` loads each recipe in turn, generates the blog's three style prompts with the same
-seed, and measures memory, time, size and error against bf16 (image PSNR and SSIM, and the SQNR of
-the transformer's output on identical inputs). `pareto_front`, `recommend` and `SpotTheQuantized`
-(a quiz) work on what it measured. On a GPU machine the command line writes the full-scale rows:
-
-    python -m quantlab.compare --model flux-dev-shaped --recipes bf16 bnb-4bit-nf4 --reference /tmp/ref.pt \
-        --gguf-dir /tmp/gguf --out results/07_compare_flux-dev-shaped.json
+`run_comparison` loads each recipe in turn, generates the same prompts with the same seed (three held-out
+shape captions on the mini model, the blog's three style prompts on a real one), and measures memory, time,
+size and error against bf16 (image PSNR and SSIM, and the SQNR of the transformer's output on identical
+inputs). `pareto_front`, `recommend` and `SpotTheQuantized` (a quiz) work on what it measured. The
+full-scale rows come from the lab (`python -m quantlab.lab.bench --reference ...`).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
+import json
 import random
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from . import env, measure, models, recipes, viz
+from . import env, gguf, measure, models, pipeline, quality, recipes, shapes, viz
 
 __all__ = [
     "BLOG_PROMPTS",
+    "default_prompts",
     "BLOG_H100",
     "CANDIDATE_RECIPES",
     "PRIORITIES",
@@ -37,15 +35,14 @@ __all__ = [
     "pareto_front",
     "full_scale_table",
     "beside_blog",
-    "DIFFERENCES_EXPLAINED",
-    "Recommendation",
+"Recommendation",
     "Advice",
     "recommend",
     "SpotTheQuantized",
     "quiz_rounds",
     "transformer_output",
     "make_reference",
-    "main",
+    "RECOMMENDATION_RESULTS",
 ]
 
 # The three style prompts of the HF blog "Exploring Quantization Backends in Diffusers".
@@ -57,6 +54,16 @@ BLOG_PROMPTS = {
     "Noir": "Noir style, a shadowy alleyway with flickering street lamps and a solitary trench-coated figure, framed "
             "by rain-soaked cobblestones and darkened storefronts.",
 }
+
+
+
+def default_prompts(model: str | None = None) -> dict[str, str]:
+    """The comparison's prompts: three held-out shape captions for the mini model, which draws only those, and
+    the blog's three style prompts for every other model."""
+    if models.get_model(model).trained:
+        return {f"shape {i + 1}": caption for i, caption in enumerate(shapes.held_out_captions(3))}
+    return dict(BLOG_PROMPTS)
+
 
 # The blog's H100 tables (FLUX.1-dev, 1024x1024, 50 steps): our recipe name -> (the blog's row,
 # memory after loading, peak memory, seconds per image). Its "GB" are torch's GiB (bytes / 1024**3).
@@ -107,12 +114,31 @@ class Reference:
     transformer_output: torch.Tensor  # float32, on the CPU
 
     def save(self, path: str | Path) -> Path:
-        torch.save(asdict(self), path)
-        return Path(path)
+        """Save to `path` (a .safetensors file of the tensors and images) and `path`.json (the prompts and the
+        inputs' other values): no pickle, so loading it runs no code."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {f"input.{k}": v.contiguous() for k, v in self.transformer_inputs.items() if isinstance(v, torch.Tensor)}
+        tensors["output"] = self.transformer_output.contiguous()
+        tensors.update({f"image.{i}": torch.from_numpy(np.ascontiguousarray(image)) for i, image in enumerate(self.images)})
+        save_file(tensors, path)
+        others = {k: v for k, v in self.transformer_inputs.items() if not isinstance(v, torch.Tensor)}
+        Path(f"{path}.json").write_text(json.dumps({"prompts": self.prompts, "inputs": others}, indent=2))
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> Reference:
-        return cls(**torch.load(path, weights_only=False))
+        """Read what `save` wrote."""
+        from safetensors.torch import load_file
+
+        # cloned: safetensors hands out tensors that view its file's bytes at whatever alignment the header leaves,
+        # and quanto's int8 CPU matmul crashes (SIGSEGV) on a misaligned input
+        tensors = {name: tensor.clone() for name, tensor in load_file(str(path)).items()}
+        meta = json.loads(Path(f"{path}.json").read_text())
+        inputs = {k.removeprefix("input."): v for k, v in tensors.items() if k.startswith("input.")}
+        images = [tensors[f"image.{i}"].numpy() for i in range(len(meta["prompts"]))]
+        return cls(meta["prompts"], images, {**inputs, **meta["inputs"]}, tensors["output"])
 
 
 @dataclass
@@ -124,7 +150,7 @@ class Comparison:
     prompt_labels: list[str]
     reference: Reference | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # recipe -> why it did not run here
-    accuracy: dict[str, measure.PromptAccuracy] = field(default_factory=dict)  # recipe -> its shape pictures
+    accuracy: dict[str, quality.PromptAccuracy] = field(default_factory=dict)  # recipe -> its shape pictures
 
     @property
     def frame(self):
@@ -142,7 +168,7 @@ def comparison_recipes(device: str | env.DeviceInfo | None = None,
 def transformer_output(pipe, inputs: dict[str, Any]) -> torch.Tensor:
     """`pipe.transformer(**inputs)` on the pipeline's device, returned as float32 on the CPU.
 
-    `inputs` are in the pipeline's dtype (`measure.capture_transformer_inputs` took them from a
+    `inputs` are in the pipeline's dtype (`quality.capture_transformer_inputs` took them from a
     pipeline). Offloading hooks move the weights in as usual; only the inputs are placed here.
     """
     device = pipe._execution_device
@@ -154,13 +180,13 @@ def transformer_output(pipe, inputs: dict[str, Any]) -> torch.Tensor:
 
 def make_reference(pipe, prompts: Sequence[str], images: Sequence, call: dict[str, Any], seed: int = 0) -> Reference:
     """The reference from a bf16 pipeline: its `images`, and its transformer's output on the inputs of prompt 0."""
-    inputs = measure.capture_transformer_inputs(pipe, prompts[0], call, seed=seed)
+    inputs = quality.capture_transformer_inputs(pipe, prompts[0], call, seed=seed)
     inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     return Reference(list(prompts), [np.asarray(image) for image in images], inputs, transformer_output(pipe, inputs))
 
 
 def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None = None, *,
-                   prompts: dict[str, str] = BLOG_PROMPTS, seed: int = 0, steps: int | None = None,
+                   prompts: dict[str, str] | None = None, seed: int = 0, steps: int | None = None,
                    warmup_steps: int | None = 2, gguf_dir: str | Path | None = None,
                    reference: str | Path | Reference | None = None, device: str | None = None,
                    on_row=None, errors: bool = True, accuracy_captions: int = 0) -> Comparison:
@@ -171,10 +197,10 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
     that recipes run in separate processes share one. `on_row(row)` is called as each recipe ends.
     With `errors=False` nothing is compared with bf16 (no reference needed): memory and time only.
     With `accuracy_captions=n` each row also has the prompt accuracy on `n` held-out shape captions.
+    `prompts` defaults to `default_prompts(model)`.
     """
-    from . import bench
-
     spec = models.get_model(model)
+    prompts = prompts or default_prompts(spec.name)
     device = device or env.default_device()
     skipped: dict[str, str] = {}
     if recipe_names is None:
@@ -204,8 +230,8 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
         if recipe.gguf_type:
             if gguf_dir is None:
                 raise ValueError(f"Recipe {name!r} loads a GGUF file: pass gguf_dir=<a folder for the files>.")
-            gguf_file, write_report = bench.write_gguf_file(spec.name, recipe.gguf_type, gguf_dir)
-        run = bench.run_recipe(
+            gguf_file, write_report = gguf.write_model_file(spec.name, recipe.gguf_type, gguf_dir)
+        run = pipeline.run_recipe(
             spec.name, name, prompt=list(prompts.values()), steps=steps, seed=seed, warmup=1,
             warmup_steps=warmup_steps, repeats=len(prompts), device=device, keep_pipeline=True,
             reference_image=None if ref is None else list(ref.images),
@@ -220,7 +246,7 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
         run.row.extra.update(backend=recipe.backend, prompts=list(prompts))
         if errors:
             output = transformer_output(run.pipe, ref.transformer_inputs)
-            run.row.extra["sqnr_db"] = measure.sqnr_db(output, ref.transformer_output)
+            run.row.extra["sqnr_db"] = quality.sqnr_db(output, ref.transformer_output)
         if gguf_file:
             run.row.extra["gguf_file_bytes"] = Path(gguf_file).stat().st_size
         if write_report is not None:
@@ -297,50 +323,6 @@ def pareto_front(frame, columns: Sequence[str] = ("peak_mem_gib", "s_per_image")
 
 FULL_SCALE_RESULTS = "07_compare_flux-dev-shaped"
 
-# Why a full-scale figure differs from the blog's by more than 20%: (recipe, column) -> the reason.
-# tests/test_compare.py fails when a difference in the committed results has no entry here.
-_BLOG_PEAK_INCLUDES_LOADING = (
-    "The blog printed torch.cuda.max_memory_reserved() after loading and again after generating, without "
-    "resetting it in between, so its peak includes loading; bitsandbytes quantizes on the GPU while loading "
-    "(we saw {loading:.1f} GiB reserved then), before enable_model_cpu_offload() moves every component to the "
-    "CPU. We reset the counter after loading, so our {peak:.1f} GiB is the peak of generating alone: the "
-    "quantized transformer and its activations.")
-DIFFERENCES_EXPLAINED: dict[tuple[str, str], str] = {
-    ("bf16", "s_per_image"): (
-        "Ours is 9.6 s, 186 ms per step: chapter 06 timed the same step alone and found that PyTorch 2.11 runs "
-        "FLUX's attention through cuDNN on the H100, 10% faster than its flash kernel. The blog's 12 s is about "
-        "230 ms per step. The blog names no software versions, so we could not rerun its setup: newer attention "
-        "and matmul kernels are the likely cause, not a proven one. Every recipe inherits this, which is why eight "
-        "of our fourteen measured rows are 12-22% faster than the blog's."),
-    ("gguf-q2_k", "s_per_image"): (
-        "20.4 s against 26 s: Q2_K adds 10.8 s to our bf16 time and 14 s to the blog's. The bf16 work underneath "
-        "is faster here (see bf16), and so is the dequantization of every weight at every step, which diffusers "
-        "0.42 does with PyTorch operations (its optional CUDA kernels need DIFFUSERS_GGUF_CUDA_KERNELS=1 and the "
-        "kernels package, neither used here). The blog does not say which path it took."),
-    ("bnb-4bit-nf4+model-offload", "peak_mem_gib"): _BLOG_PEAK_INCLUDES_LOADING.format(loading=10.5, peak=7.6),
-    ("bnb-8bit+model-offload", "s_per_image"): (
-        "43.5 s against 27 s, and against our own 31.0 s without offloading. After loading, 14.5 GiB stayed "
-        "allocated on the GPU: the int8 weights of the transformer (11.1 GiB) and of T5 (3.4 GiB), which model "
-        "offloading did not move, so it saves little memory here (peak 27.5 GiB, against 22.2 without it). A "
-        "denoising step takes what it takes without offloading (614 against 598 ms); the extra 12.5 s per image "
-        "are spent outside the steps, while components move. We did not trace which move costs them. The blog's "
-        "27 s equals its time without offloading. This row has no error figures: it ran on a fresh machine, "
-        "after the GPU time for a bf16 reference had run out."),
-    ("fp8-layerwise-e4m3+group-leaf-stream-offload", "mem_after_load_gib"): (
-        "Nothing of ours is on the GPU after loading: the recipe calls pipe.enable_group_offload() on every "
-        "component. The blog's 9.264 GiB is exactly T5, CLIP and the VAE in bf16 (8.87 + 0.23 + 0.16 GiB): its "
-        "code group-offloads the transformer alone (transformer.enable_group_offload), and in the run behind its "
-        "table the other three sat on the GPU."),
-    ("fp8-layerwise-e4m3+group-leaf-stream-offload", "peak_mem_gib"): (
-        "The same cause: the blog's 14.2 GiB peak is its 9.3 GiB of resident text encoders and VAE plus about 5 "
-        "GiB of streamed layers and activations; with every component streamed, ours is 5.4 GiB."),
-    ("fp8-layerwise-e4m3+group-leaf-stream-offload", "s_per_image"): (
-        "27.5 s against 58 s. Streaming T5 as well costs us little (it runs once per image), so the difference is "
-        "in streaming the transformer, 57 blocks at every step. We did not rerun the blog's exact setup to find "
-        "out why ours takes half the time; we ran diffusers 0.42, and the blog names no version."),
-}
-
-
 def full_scale_table(results: str = FULL_SCALE_RESULTS):
     """The committed full-scale comparison as `comparison_table`, plus what the blog comparison needs.
 
@@ -363,8 +345,8 @@ def beside_blog(table, threshold: float = 0.20):
 
     Columns `*_ours`, `*_blog` and `*_ratio` (ours / blog) for memory after loading, peak memory and
     seconds per 50-step image (`full_scale_table`'s columns); `ours_status` is "measured", "not run", or
-    the error a failed run recorded; `differs` lists the columns where the ratio is off by more than `threshold`,
-    and `why` the explanation for each.
+    the error a failed run recorded; `differs` lists the columns where the ratio is off by more than `threshold`
+    (chapter 07 says why, one line each).
     """
     import pandas as pd
 
@@ -389,17 +371,21 @@ def beside_blog(table, threshold: float = 0.20):
         differs = [c for c in ("mem_after_load_gib", "peak_mem_gib", "s_per_image")
                    if record[f"{c}_ratio"] is not None and abs(record[f"{c}_ratio"] - 1) > threshold]
         record["differs"] = ", ".join(differs)
-        record["why"] = " ".join(DIFFERENCES_EXPLAINED.get((recipe, c), f"[{c}: not explained]") for c in differs)
         records.append(record)
     return pd.DataFrame(records)
 
 
 # --- the decision helper ----------------------------------------------------------------------
 
+# Where `recommend` looks, in this order (the first file that holds a recipe wins): the comparison, the memory and
+# GGUF chapters, the newer backends, and the simulated Colab T4 (whole scripts in fp16 with little host RAM).
+RECOMMENDATION_RESULTS = (FULL_SCALE_RESULTS, "05_memory_flux-dev-shaped", "02_gguf_flux-dev-shaped",
+                          "08_newer_flux-dev-shaped", "09_colab_t4_sim_flux-dev-shaped")
+
 
 @dataclass
 class Recommendation:
-    """One recommended recipe, why, and its measured figures (`s_per_image` at 50 steps)."""
+    """One recommended recipe, why, its measured figures (`s_per_image` at 50 steps), and its whole script."""
 
     recipe: str
     reason: str
@@ -407,6 +393,7 @@ class Recommendation:
     host_ram_gib: float | None
     s_per_image: float | None
     sqnr_db: float | None
+    code: str | None = None  # the recipe's whole script with this machine's settings, ready to paste
 
 
 @dataclass
@@ -418,6 +405,11 @@ class Advice:
     cannot_run: dict[str, str]
     notes: list[str]
 
+    @property
+    def code(self) -> str | None:
+        """The first recommendation's whole script, or None when nothing fits."""
+        return self.recommendations[0].code if self.recommendations else None
+
     def __str__(self) -> str:
         lines = [f"Priority: {self.priority}."]
         if not self.recommendations:
@@ -428,36 +420,75 @@ class Advice:
         if self.cannot_run:
             lines.append("Could not run here:")
             lines += [f"  - {name}: {why}" for name, why in self.cannot_run.items()]
+        if self.code:
+            lines += ["", f"The whole script for {self.recommendations[0].recipe}, ready to paste:", "", self.code]
         return "\n".join(lines)
 
     def _repr_markdown_(self) -> str:
-        return "\n\n".join(str(self).split("\n"))
+        text, _, code = str(self).partition("\n\nThe whole script for ")
+        markdown = "\n\n".join(text.split("\n"))
+        if code:
+            title, _, script = code.partition(", ready to paste:\n\n")
+            markdown += f"\n\nThe whole script for {title}, ready to paste:\n\n```python\n{script}\n```"
+        return markdown
 
 
-def _candidate_rows(results: Sequence[str]):
+def _candidate_rows(results: Sequence[str], scripted_only: bool):
     rows, seen = [], set()
     for name in results:
-        for row in measure.load_rows(measure.results_dir() / f"{name}.json"):
-            if row.recipe in seen or row.recipe not in recipes.RECIPES or row.s_per_image is None:
-                continue  # the first file wins; compiled, direct-API and failed rows are not recipes to load
+        path = measure.results_dir() / f"{name}.json"
+        for row in measure.load_rows(path) if path.exists() else []:
+            recipe = recipes.RECIPES.get(row.recipe)
+            measured = (row.s_per_image is not None or row.ms_per_step is not None) and not row.extra.get("error")
+            if (row.recipe in seen or recipe is None or not measured or row.extra.get("superseded")
+                    or (scripted_only and not recipe.script)):
+                continue  # the first file wins; compiled, direct-API, failed and superseded rows are not advice
             seen.add(row.recipe)
-            rows.append((name, row))
+            rows.append((name, row, recipe))
     return rows
+
+
+def _host_gib(row: measure.Measurement, recipe: recipes.Recipe) -> tuple[float, str]:
+    """The host RAM a row needed, and how it was counted."""
+    if recipe.low_ram is not None and row.extra.get("peak_host_anon_gib") is not None:
+        # a whole script on the simulated T4: anonymous memory decides, since the kernel can drop the
+        # memory-mapped checkpoint pages that VmRSS also counts
+        return row.extra["peak_host_anon_gib"], "anonymous, the part the kernel cannot drop"
+    host = max(v for v in (row.peak_host_rss_gib, row.extra.get("peak_host_rss_generating_gib"), 0.0) if v is not None)
+    how = "" if row.extra.get("peak_host_rss_generating_gib") is not None else "while loading; not recorded while generating"
+    return host, how
+
+
+def _seconds(row: measure.Measurement, recipe: recipes.Recipe) -> tuple[float | None, str]:
+    """Seconds per 50-step image and how they were found; for a whole T4 script, per image of its own steps."""
+    if recipe.low_ram is not None:
+        steps = int(recipes.SCRIPT_SETTINGS["STEPS"])
+        estimate = row.extra.get("t4_estimate_s_per_step")
+        if estimate is not None:
+            return estimate * steps, f"{estimate * steps:.0f} s per {steps}-step image on a T4 (estimated from FLOPs)"
+        return row.ms_per_step * steps / 1e3, f"{row.ms_per_step * steps / 1e3:.0f} s per {steps}-step image on {row.device}"
+    if row.steps == 50 and row.s_per_image is not None:
+        return row.s_per_image, f"{row.s_per_image:.1f} s per 50-step image"
+    seconds = measure.projected_s_per_image(row, steps=50)
+    if seconds is not None:
+        return seconds, f"{seconds:.0f} s per 50-step image (projected from {row.steps} steps)"
+    return row.s_per_image, f"{row.s_per_image:.1f} s per {row.steps}-step image"
 
 
 def recommend(gpu_mem_gib: float | None, host_ram_gib: float, compute_capability: tuple[int, int] | None,
               priority: str = "memory", *, gpus: int = 1, count: int = 3, margin_gib: float = 0.5,
-              results: Sequence[str] = (FULL_SCALE_RESULTS, "05_memory_flux-dev-shaped", "02_gguf_flux-dev-shaped"),
-              ) -> Advice:
-    """Recipes for FLUX.1-dev at 1024×1024 on a machine, from the committed full-scale measurements.
+              results: Sequence[str] = RECOMMENDATION_RESULTS, scripted_only: bool = True) -> Advice:
+    """Recipes for FLUX.1-dev at 1024×1024 on a machine, from the committed full-scale measurements, each with the
+    whole script to paste (`Recipe.code`, the same code the chapters' whole-recipe cells show).
 
     `gpu_mem_gib` and `compute_capability` describe the GPU (None for none), `gpus` how many there are
-    (recipes that spread the pipeline over several need as many), and `host_ram_gib` the RAM.
-    A recipe fits when its measured peak GPU memory plus `margin_gib` fits the GPU, its host peak
-    (loading or generating, whichever is higher) fits the RAM, and the GPU has what it needs. Then
-    `priority` orders them: "memory" (lowest peak), "speed" (fewest seconds per 50-step image, projected
-    for the slow rows measured with fewer steps) or "quality" (highest SQNR of the transformer output
-    against bf16). Where two files hold a recipe, the first in `results` wins.
+    (recipes that spread the pipeline over several need as many), and `host_ram_gib` the RAM (a free Colab
+    runtime: `env.COLAB_HOST_RAM_GIB`). A recipe fits when its measured peak GPU memory plus `margin_gib` fits
+    the GPU, its host peak fits the RAM (for a whole T4 script, the anonymous memory that the simulated T4
+    measured), and the GPU has what it needs. Then `priority` orders them: "memory" (lowest peak), "speed"
+    (fewest seconds per image) or "quality" (highest SQNR of the transformer output against bf16). Where two
+    files hold a recipe, the first in `results` wins. With `scripted_only` (the default) only recipes with a
+    whole script count (chapter 07).
     """
     if priority not in PRIORITIES:
         raise ValueError(f"Unknown priority {priority!r}. Valid priorities: {', '.join(PRIORITIES)}.")
@@ -467,16 +498,15 @@ def recommend(gpu_mem_gib: float | None, host_ram_gib: float, compute_capability
         device = env.describe_gpu(f"a GPU with {gpu_mem_gib:g} GiB", compute_capability, gpu_mem_gib)
     dtype = env.default_dtype(device)
     fitting, cannot_run, notes = [], {}, []
-    for source, row in _candidate_rows(results):
-        host = max(v for v in (row.peak_host_rss_gib, row.extra.get("peak_host_rss_generating_gib"), 0.0)
-                   if v is not None)
-        why_not = recipes.why_not_here(row.recipe, device, dtype)
+    for source, row, recipe in _candidate_rows(results, scripted_only):
+        host, host_how = _host_gib(row, recipe)
+        why_not = recipes.why_not_here(recipe, device, None if recipe.low_ram else dtype, packages=False)
         if why_not:
             cannot_run[row.recipe] = why_not
             continue
         if device.kind == "cpu":
             cannot_run[row.recipe] = ("measured on a GPU only; on a CPU every recipe runs, but a 12B FLUX.1-dev "
-                                      "step takes minutes, so the course uses the tiny model there")
+                                      "step takes minutes, so the course uses the mini model there")
             continue
         needed_gpus = row.extra.get("device_count", 1)
         if needed_gpus > gpus:
@@ -491,31 +521,27 @@ def recommend(gpu_mem_gib: float | None, host_ram_gib: float, compute_capability
             cannot_run[row.recipe] = (f"its host RAM peaked at {host:.1f} GiB on the GPU machine; this one has "
                                       f"{host_ram_gib:g}")
             continue
-        seconds = row.s_per_image if row.steps == 50 else measure.projected_s_per_image(row, steps=50)
-        fitting.append((row, host, source, seconds if seconds is not None else row.s_per_image))
+        seconds, timing = _seconds(row, recipe)
+        fitting.append((row, recipe, host, host_how, source, seconds, timing))
     if not device.bf16 and fitting:
-        notes.append(f"{device.name} has no bf16: load in float16 (dtype=torch.float16). Memory is the same; the "
-                     "times were measured on an H100 and will be longer.")
+        notes.append(f"{device.name} has no bf16: load in float16 (dtype=torch.float16), as the scripts below do. "
+                     "Memory is the same; the times were measured on an H100 and will be longer.")
     key = {
         "memory": lambda item: item[0].peak_gpu_mem_gib,
-        "speed": lambda item: item[3],
+        "speed": lambda item: item[5] if item[5] is not None else np.inf,
         "quality": lambda item: -(item[0].extra.get("sqnr_db") if item[0].extra.get("sqnr_db") is not None
                                   else -np.inf),
     }[priority]
     chosen = []
-    for row, host, source, seconds in sorted(fitting, key=key)[:count]:
+    for row, recipe, host, host_how, source, seconds, timing in sorted(fitting, key=key)[:count]:
         sqnr = row.extra.get("sqnr_db")
         sqnr_text = "SQNR not measured" if sqnr is None else (
             "identical to bf16" if np.isinf(sqnr) else f"transformer SQNR {sqnr:.1f} dB against bf16")
-        timing = (f"{seconds:.1f} s per 50-step image" if row.steps == 50 else
-                  f"{seconds:.0f} s per 50-step image (projected from {row.steps} steps)" if row.ms_per_step else
-                  f"{seconds:.1f} s per {row.steps}-step image")
-        host_text = f"host RAM {host:.1f} of {host_ram_gib:g} GiB" + (
-            "" if row.extra.get("peak_host_rss_generating_gib") is not None else
-            " (while loading; not recorded while generating)")
+        host_text = f"host RAM {host:.1f} of {host_ram_gib:g} GiB" + (f" ({host_how})" if host_how else "")
         reason = (f"peak {row.peak_gpu_mem_gib:.1f} GiB of {gpu_mem_gib:g} GiB GPU, {host_text}, {timing} on "
                   f"{row.device}, {sqnr_text} [results/{source}.json]")
-        chosen.append(Recommendation(row.recipe, reason, row.peak_gpu_mem_gib, host, seconds, sqnr))
+        code = recipe.code(**({} if device.bf16 or recipe.low_ram else {"DTYPE": "float16"})) if recipe.script else None
+        chosen.append(Recommendation(row.recipe, reason, row.peak_gpu_mem_gib, host, seconds, sqnr, code))
     return Advice(priority, chosen, cannot_run, notes)
 
 
@@ -627,55 +653,3 @@ def quiz_rounds(comparison: Comparison, recipe_names: Sequence[str] | None = Non
     names = [n for n in (recipe_names or comparison.images) if n != "bf16"]
     return [(reference[i], comparison.images[name][i], name, label)
             for name in names for i, label in enumerate(comparison.prompt_labels)]
-
-
-# --- command line -----------------------------------------------------------------------------
-
-
-def _failure_row(model: str, recipe: str, device: str, error: BaseException, steps: int | None):
-    return measure.new_row(model, recipe, device, steps=steps,
-                           extra={"error": f"{type(error).__name__}: {error}"[:1000]})
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: run recipes one after another, saving each row (or the reason it failed) as it ends."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help=f"one of: {', '.join(models.list_models())}")
-    parser.add_argument("--recipes", nargs="+", required=True)
-    parser.add_argument("--reference", help="a .pt file: written by the bf16 run, read by the rest; without it, "
-                        "memory and time only (no PSNR, SSIM or SQNR)")
-    parser.add_argument("--gguf-dir", help="where the gguf-* recipes' files are, or are written")
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--out", required=True, help="a .json file; rows of other recipes already in it are kept")
-    args = parser.parse_args(argv)
-    for name in args.recipes:
-        recipes.get_recipe(name)
-    spec = models.get_model(args.model)
-    print(env.report(), flush=True)
-    out = Path(args.out)
-    rows = [asdict(r) for r in measure.load_rows(out)] if out.exists() else []
-    for name in args.recipes:
-        try:
-            comparison = run_comparison(spec.name, [name], steps=args.steps, warmup_steps=args.warmup_steps,
-                                        gguf_dir=args.gguf_dir, reference=args.reference,
-                                        errors=args.reference is not None)
-            row = comparison.rows[0]
-            print(f"{name}: after load {row.mem_after_load_gib:.3f} GiB (reserved "
-                  f"{row.extra['peak_gpu_reserved_during_load_gib']}), peak {row.peak_gpu_mem_gib}, "
-                  f"{row.s_per_image:.2f} s/image, PSNR {row.psnr_db}, SSIM {row.ssim}, "
-                  f"SQNR {row.extra.get('sqnr_db')}", flush=True)
-        except Exception as error:  # the row records why, and the next recipe still runs
-            print(f"{name}: failed: {type(error).__name__}: {str(error)[:400]}", flush=True)
-            row = _failure_row(spec.name, name, env.default_device(), error, args.steps)
-        finally:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        rows = [r for r in rows if r["recipe"] != name] + [asdict(row)]
-        measure.save_rows(rows, out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

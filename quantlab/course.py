@@ -2,10 +2,12 @@
 
 `make course` calls this:
 
-    python -m quantlab.course --model tiny --out build
+    python -m quantlab.course --model mini --out build
 
 It writes the executed notebooks to `build/notebooks/`, each chapter's measurement rows to
-`build/measurements/`, and one summary of them all to `build/summary.md` and `build/summary.csv`.
+`build/measurements/`, one summary of them all to `build/summary.md` and `build/summary.csv`, and how each
+chapter ran (device, status, seconds, stderr lines, the first error) to `build/course.json`. With
+`--keep-going` a failing chapter does not stop the rest (the GPU run of every chapter uses it).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import measure, models
+from . import env, measure, models
 
-__all__ = ["notebook_paths", "run_notebook", "write_summary", "markdown_table", "comparison_summary", "main"]
+__all__ = ["notebook_paths", "run_notebook", "stderr_lines", "chapter_row", "write_summary", "markdown_table",
+           "comparison_summary", "main"]
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_COLUMNS = [
@@ -51,6 +54,39 @@ def run_notebook(notebook: Path, out_dir: Path, parameters: dict | None = None, 
     if seconds < 1.0:
         raise RuntimeError(f"{notebook.name} ran in {seconds:.2f} s: it cannot have done its work.")
     return seconds
+
+
+def stderr_lines(executed: Path) -> list[str]:
+    """The lines an executed notebook printed to stderr, in order."""
+    import nbformat
+
+    lines = []
+    for cell in nbformat.read(executed, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                lines += output.get("text", "").splitlines()
+    return lines
+
+
+def _first_error(executed: Path) -> str | None:
+    import nbformat
+
+    for cell in nbformat.read(executed, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                return f"{output.get('ename')}: {output.get('evalue')}"[:500]
+    return None
+
+
+def chapter_row(notebook: Path, out_dir: Path, model: str, seconds: float | None, error: BaseException | None):
+    """How one chapter ran, as a `Measurement` row named after it: status, seconds, stderr lines, first error."""
+    executed = out_dir / notebook.name
+    lines = stderr_lines(executed) if executed.exists() else []
+    first = (_first_error(executed) if executed.exists() else None) or (
+        f"{type(error).__name__}: {str(error)[:400]}" if error is not None else None)
+    return measure.new_row(model, notebook.stem, env.default_device(), notes="the chapter run by papermill",
+                           extra={"status": "ran" if error is None else "failed", "seconds": seconds,
+                                  "stderr_lines": len(lines), "first_error": first})
 
 
 def markdown_table(frame) -> str:
@@ -104,7 +140,7 @@ def comparison_summary(run_dir: Path) -> str:
     if not rows:
         return f"No comparison table: {path.name} holds no comparison rows."
     table = compare.comparison_table(rows)[COMPARISON_COLUMNS]
-    return (f"Every recipe side by side ({rows[0].model}, {rows[0].device}, the blog's three prompts; error against "
+    return (f"Every recipe side by side ({rows[0].model}, {rows[0].device}, the same three prompts and seed; error against "
             f"bf16; prompt accuracy on held-out shape captions):\n\n" + markdown_table(table))
 
 
@@ -115,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"one of: {', '.join(models.list_models())}")
     parser.add_argument("--out", default=str(REPO / "build"))
     parser.add_argument("--notebooks", nargs="*", help="run only these notebooks")
+    parser.add_argument("--keep-going", action="store_true", help="run every chapter even after one fails")
     args = parser.parse_args(argv)
     models.get_model(args.model)  # an unknown name fails here, before any notebook starts
 
@@ -122,17 +159,29 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["QUANTLAB_MODEL"] = args.model
     paths = [Path(p) for p in args.notebooks] if args.notebooks else notebook_paths()
     total = time.perf_counter()
+    chapters = []
     for path in paths:
         print(f"running {path.name} on {args.model} ...", flush=True)
-        seconds = run_notebook(path, out / "notebooks", {"MODEL": args.model}, run_dir=out)
-        print(f"  done in {seconds:.1f} s", flush=True)
+        started, error = time.perf_counter(), None
+        try:
+            seconds = run_notebook(path, out / "notebooks", {"MODEL": args.model}, run_dir=out)
+        except Exception as failure:  # papermill's error names the cell; the executed copy holds the traceback
+            error, seconds = failure, time.perf_counter() - started
+        row = chapter_row(path, out / "notebooks", args.model, seconds, error)
+        chapters.append(row)
+        measure.save_rows(chapters, out / "course.json")
+        print(f"  {row.extra['status']} in {seconds:.1f} s, {row.extra['stderr_lines']} lines on stderr"
+              + (f": {row.extra['first_error']}" if error else ""), flush=True)
+        if error is not None and not args.keep_going:
+            raise error
     summary = write_summary(out)
     print("\n" + comparison_summary(out))
     print(f"\nThe course ran in {time.perf_counter() - total:.0f} s on model {args.model!r}.")
     print(f"  executed notebooks:  {out / 'notebooks'}")
     print(f"  measurements:        {out / 'summary.md'} and {out / 'summary.csv'} ({len(summary)} rows)")
-    print(f"  open them with:      make lab")
-    return 0
+    print(f"  how each chapter ran: {out / 'course.json'}")
+    print("  open them with:      make lab")
+    return 1 if any(row.extra["status"] != "ran" for row in chapters) else 0
 
 
 if __name__ == "__main__":

@@ -1,28 +1,47 @@
-"""What this machine is: package versions, the device, what it supports, and free memory."""
+"""The machine: package versions, the device and the number formats it computes in, the GPUs the course
+meets, and the one hardware check every recipe goes through (chapter 00 and every chapter after it)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import logging
 import os
 import platform
+import re
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
+from typing import Iterable
 
 import torch
 
 __all__ = [
+    "GIB",
     "DeviceInfo",
     "EnvReport",
+    "GPU",
+    "GPUS",
+    "Needs",
     "PACKAGES",
+    "UnsupportedHardwareError",
+    "COLAB_T4_GPU_GIB",
+    "COLAB_HOST_RAM_GIB",
+    "T4_USABLE_GIB",
+    "check_hardware",
     "default_device",
     "default_dtype",
     "describe_gpu",
     "device_info",
+    "gpu_spec",
     "host_memory_gib",
     "package_versions",
+    "peak_tflops",
     "report",
+    "KNOWN_IMPORT_NOTICES",
+    "quiet_import_notices",
 ]
 
-GIB = 1024**3
+GIB = 1024**3  # the course writes GiB wherever it means 1024**3 bytes, as torch's memory counters do
 
 # The packages whose versions every measurement records.
 PACKAGES = (
@@ -34,11 +53,51 @@ PACKAGES = (
     "torchao",
     "optimum-quanto",
     "gguf",
+    "sdnq",
+    "nvidia-modelopt",
+    "auto-round",
 )
 
 # Compute capabilities: bf16 arrived with Ampere (8.0), fp8 tensor cores with Ada and Hopper (8.9).
 BF16_MIN_CC = (8, 0)
 FP8_MIN_CC = (8, 9)
+
+
+class UnsupportedHardwareError(RuntimeError):
+    """Something needs what this device lacks (a CUDA GPU, bf16, fp8, a package, ...); raised before anything loads."""
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU the course meets: memory, compute capability, dense tensor-core peaks (TFLOP/s) and memory bandwidth."""
+
+    name: str
+    memory_gib: float
+    compute_capability: tuple[int, int]
+    bf16_tflops: float | None  # None: no bf16 tensor cores
+    fp8_tflops: float | None  # None: no fp8 tensor cores
+    fp16_tflops: float
+    bandwidth_gb_s: float
+
+
+# NVIDIA datasheets, dense (without sparsity). Looked up by substring of the device name, in this order.
+GPUS = {
+    "H100 PCIe": GPU("H100 PCIe", 79.2, (9, 0), 756.0, 1513.0, 756.0, 2000.0),
+    "H100": GPU("H100", 79.2, (9, 0), 989.4, 1978.9, 989.4, 3350.0),  # SXM: the H100 80GB HBM3 the GPU box lends
+    "H200": GPU("H200", 139.8, (9, 0), 989.4, 1978.9, 989.4, 4800.0),
+    "L40S": GPU("L40S", 44.4, (8, 9), 362.0, 733.0, 362.0, 864.0),  # before "L4", which its name contains
+    "A100-40GB": GPU("A100-40GB", 39.4, (8, 0), 312.0, None, 312.0, 1555.0),
+    "A100": GPU("A100", 79.2, (8, 0), 312.0, None, 312.0, 2039.0),
+    "RTX 4090": GPU("RTX 4090", 24.0, (8, 9), 165.2, 330.3, 165.2, 1008.0),
+    "L4": GPU("L4", 22.0, (8, 9), 121.0, 242.0, 121.0, 300.0),
+    "T4": GPU("T4", 15.0, (7, 5), None, None, 65.0, 320.0),  # fp16 only
+}
+
+# A free Google Colab runtime: a T4 that Colab shows as 15 GiB (PyTorch sees 14.75, and the CUDA context takes
+# about 0.5 of that), and 12.7 GB of host RAM, which is 11.8 GiB.
+COLAB_T4_GPU_GIB = 15.0
+T4_USABLE_GIB = 14.25
+COLAB_HOST_RAM_GIB = 11.8
 
 
 @dataclass(frozen=True)
@@ -103,7 +162,7 @@ class EnvReport:
 
 
 def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
-    """Installed version of each package, or 'not installed'."""
+    """Installed version of each package, or 'not installed' (chapter 00)."""
     versions = {}
     for name in packages:
         try:
@@ -114,7 +173,7 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
 
 
 def default_device() -> str:
-    """`$QUANTLAB_DEVICE` if set, else 'cuda' when a GPU is visible, else 'cpu'."""
+    """`$QUANTLAB_DEVICE` if set, else 'cuda' when a GPU is visible, else 'cpu' (every chapter)."""
     return os.environ.get("QUANTLAB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -127,7 +186,7 @@ def describe_gpu(name: str, compute_capability: tuple[int, int], total_memory_gi
 
 
 def device_info(device: str | None = None) -> DeviceInfo:
-    """Describe `device` (default: `default_device()`)."""
+    """Describe `device` (default: `default_device()`) (every chapter)."""
     device = device or default_device()
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -150,7 +209,7 @@ def device_info(device: str | None = None) -> DeviceInfo:
 
 
 def default_dtype(info: DeviceInfo | None = None) -> torch.dtype:
-    """bf16 where the device computes in it, else fp16 (a T4, for example)."""
+    """bf16 where the device computes in it, else fp16 (a T4, for example) (every chapter)."""
     info = info or device_info()
     return torch.bfloat16 if info.bf16 else torch.float16
 
@@ -166,7 +225,7 @@ def host_memory_gib() -> tuple[float | None, float | None]:
 
 
 def report(device: str | None = None) -> EnvReport:
-    """One call: versions, device, compute capability, bf16 and fp8 support, and free memory."""
+    """One call: versions, device, compute capability, bf16 and fp8 support, and free memory (every chapter)."""
     total, available = host_memory_gib()
     return EnvReport(
         python=platform.python_version(),
@@ -176,3 +235,120 @@ def report(device: str | None = None) -> EnvReport:
         host_total_gib=total,
         host_available_gib=available,
     )
+
+
+def gpu_spec(device_name: str) -> GPU | None:
+    """The entry of `GPUS` whose key the device name contains ("H100 PCIe" before "H100"), or None."""
+    return next((gpu for key, gpu in GPUS.items() if key in device_name), None)
+
+
+def peak_tflops(device_name: str, dtype: str = "bf16") -> float | None:
+    """Dense tensor-core peak of the GPU called `device_name` in `dtype` ("bf16", "fp8", "fp16"), or None (chapter 06)."""
+    gpu = gpu_spec(device_name)
+    return None if gpu is None else getattr(gpu, f"{dtype}_tflops")
+
+
+# --- the one hardware check ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What one part of a recipe needs from the device, why, and what to use where it is missing.
+
+    `cuda`: a CUDA GPU; `min_cc`/`below_cc`: a compute capability range; `fp16_only_ok`: False where bf16 is
+    required; `modules`: importable Python modules (a package beyond the course's pins, or Triton); `check`: a
+    function that returns why the installed software cannot do it (a version diffusers cannot drive), or None.
+    """
+
+    what: str  # "bitsandbytes through diffusers", "float8 matmuls", ...
+    why: str
+    instead: str
+    cuda: bool = False
+    min_cc: tuple[int, int] | None = None
+    below_cc: tuple[int, int] | None = None
+    modules: tuple[tuple[str, str], ...] = ()  # (module to import, pip requirement that provides it)
+    software: object = None  # a callable () -> str | None: why the installed software cannot, or None
+
+
+def _module_problem(module: str) -> str | None:
+    """Why `module` cannot be used here ('not installed here', or why it does not import), or None."""
+    if importlib.util.find_spec(module) is None:
+        return "not installed here"
+    try:  # installed is not the same as usable: FA3, for one, loads a CUDA 13 runtime
+        importlib.import_module(module)
+    except (ImportError, OSError, RuntimeError) as error:
+        return f"installed here but does not load ({type(error).__name__}: {str(error)[:200]})"
+    return None
+
+
+def check_hardware(name: str, needs: Iterable[Needs], device: DeviceInfo | None = None,
+                   dtype: torch.dtype | None = None, packages: bool = True) -> None:
+    """Raise `UnsupportedHardwareError` if what `name` needs is missing on `device` in `dtype`. Loads nothing.
+
+    With `packages` (the default) the modules and software versions a need names must be usable here too;
+    `packages=False` asks about the hardware alone, for a GPU described, not present (chapter 07's advice).
+    """
+    device = device or device_info()
+    cc = device.compute_capability
+    for need in needs:
+        if (need.cuda or need.min_cc or need.below_cc) and device.kind != "cuda":
+            raise UnsupportedHardwareError(
+                f"{name!r} needs a CUDA GPU ({need.why}), and this device is {device.label}. Instead: {need.instead}.")
+        if need.min_cc and cc is not None and cc < need.min_cc:
+            raise UnsupportedHardwareError(
+                f"{name!r} needs compute capability {need.min_cc[0]}.{need.min_cc[1]}+ ({need.why}); {device.label} has "
+                f"{cc[0]}.{cc[1]}. Instead: {need.instead}.")
+        if need.below_cc and cc is not None and cc >= need.below_cc:
+            raise UnsupportedHardwareError(
+                f"{name!r} needs a GPU of compute capability below {need.below_cc[0]}.{need.below_cc[1]} ({need.why}), "
+                f"and this device is {device.label}. Instead: {need.instead}.")
+        if not packages:
+            continue
+        for module, requirement in need.modules:
+            problem = _module_problem(module)
+            if problem:
+                raise UnsupportedHardwareError(
+                    f"{name!r} needs {need.what}, which is {problem}. Install it with `pip install {requirement}`, or "
+                    f"instead: {need.instead}.")
+        problem = need.software() if callable(need.software) else None
+        if problem:
+            raise UnsupportedHardwareError(f"{name!r} needs {need.what}: {problem}. Instead: {need.instead}.")
+    if dtype == torch.bfloat16 and not device.bf16:
+        raise UnsupportedHardwareError(
+            f"bf16 needs compute capability 8.0+ (Ampere or newer), and {device.label} lacks it. "
+            "Load in float16 instead (dtype=torch.float16), which is the default on this GPU.")
+
+
+# --- notices the libraries print when imported --------------------------------------------------------------
+
+# What the libraries this course imports log about optional parts a machine lacks, once per process, when diffusers
+# is first imported: (logger, message pattern, why it says nothing about the chapter's work). Chapter 00 shows them.
+KNOWN_IMPORT_NOTICES = (
+    ("torchao", r"^Failed to load .*torchao/_C_\w+", "torchao's CUDA-only kernels, on a machine without that CUDA"),
+    ("torchao.kernel.intmm", r"Detected no triton", "Triton, which only a CUDA build of torch brings"),
+    ("torch.utils._pytree", r"is an Enum subclass and is now natively supported", "a deprecation inside torchao"),
+    ("transformers.utils.import_utils", r"requires torchvision \(not installed\)",
+     "image processors for models FLUX does not use"),
+    ("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward from kernels-community",
+     "an optional CPU kernel from the Hub; bitsandbytes uses its own"),
+    ("diffusers.quantizers.torchao.torchao_quantizer", r"^Unable to import `torchao` Tensor objects",
+     "follows from torchao's CUDA-only kernels above; the course saves torchao models with safetensors"),
+)
+
+
+class _KnownNotices(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING or not self.pattern.search(record.getMessage())
+
+
+def quiet_import_notices() -> None:
+    """Drop the `KNOWN_IMPORT_NOTICES` (and nothing else: an error or another warning still shows). quantlab calls
+    it when it is imported, so a chapter that imports quantlab before diffusers starts quietly."""
+    for name, pattern, _why in KNOWN_IMPORT_NOTICES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _KnownNotices) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(_KnownNotices(pattern))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 
 from . import gguf_quants
+from .files import atomic_output
+from .recipes import GGUF_TYPES
 
 __all__ = [
     "ARCHITECTURE",
@@ -45,12 +46,12 @@ __all__ = [
     "check_gguf_file",
     "check_architecture",
     "load_transformer",
+    "write_model_file",
     "block_layout",
 ]
 
 ARCHITECTURE = "flux"
-# every type quantlab writes, roughly from the most to the fewest bits per weight
-GGUF_TYPES = ("BF16", "F16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "Q4_0", "Q3_K", "Q2_K")
+# every type quantlab writes (GGUF_TYPES, from the recipes' vocabulary), roughly from the most to the fewest bits
 EDGE_LAYER_PREFIXES = ("x_embedder.", "context_embedder.", "time_text_embed.", "norm_out.", "proj_out.")
 KEEP_IN_FLOAT_RULES = {
     "1-D tensor (bias or norm scale)": "F32",
@@ -151,8 +152,9 @@ def write_gguf(transformer: torch.nn.Module, path: str | os.PathLike, gguf_type:
     """Write `transformer` (a `FluxTransformer2DModel`) to `path` as a GGUF file of `gguf_type`.
 
     Tensors are quantized one at a time on `device` (default: where each weight is) and streamed
-    to a temporary file beside `path`, which replaces `path` only when complete: an interrupted
-    write leaves any earlier file at `path` as it was.
+    to a partial file beside `path` (`files.atomic_output`), which replaces `path` only when complete:
+    an interrupted write leaves any earlier file at `path` as it was, and the next write removes the
+    partial a killed writer left.
     """
     _check_type(gguf_type)
     path = Path(path)
@@ -163,36 +165,27 @@ def write_gguf(transformer: torch.nn.Module, path: str | os.PathLike, gguf_type:
     plans = plan_tensors({name: tuple(tensor.shape) for name, tensor in state_dict.items()}, gguf_type)
 
     started = time.perf_counter()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a temporary file of its own in the same folder: os.replace is then atomic, and two writers never share it
-    handle, partial_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    partial = Path(partial_name)
-    writer = gguf.GGUFWriter(str(partial), ARCHITECTURE)
-    try:
-        writer.add_name(type(transformer).__name__)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        config = getattr(transformer, "config", None)
-        if config is not None:
-            writer.add_string(_CONFIG_KEY, json.dumps(dict(config), default=str))
-        for plan in plans:
-            writer.add_tensor_info(plan.name, _stored_shape(plan), np.dtype(np.uint8), plan.n_bytes,
-                                   raw_dtype=gguf.GGMLQuantizationType[plan.gguf_type])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for plan in plans:
-            weights = state_dict[plan.name].detach()
-            rows = weights.reshape(-1, weights.shape[-1]) if weights.ndim > 1 else weights.reshape(1, -1)
-            packed = _encode(rows, plan.gguf_type, device)
-            writer.write_tensor_data(np.ascontiguousarray(packed).view(np.uint8).reshape(-1))
-        writer.close()
-        os.chmod(partial, 0o644)  # mkstemp makes it private; the finished file is an ordinary one
-        os.replace(partial, path)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as partial:
+        writer = gguf.GGUFWriter(str(partial), ARCHITECTURE)
+        try:
+            writer.add_name(type(transformer).__name__)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            config = getattr(transformer, "config", None)
+            if config is not None:
+                writer.add_string(_CONFIG_KEY, json.dumps(dict(config), default=str))
+            for plan in plans:
+                writer.add_tensor_info(plan.name, _stored_shape(plan), np.dtype(np.uint8), plan.n_bytes,
+                                       raw_dtype=gguf.GGMLQuantizationType[plan.gguf_type])
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for plan in plans:
+                weights = state_dict[plan.name].detach()
+                rows = weights.reshape(-1, weights.shape[-1]) if weights.ndim > 1 else weights.reshape(1, -1)
+                packed = _encode(rows, plan.gguf_type, device)
+                writer.write_tensor_data(np.ascontiguousarray(packed).view(np.uint8).reshape(-1))
+        finally:
+            writer.close()
     seconds = time.perf_counter() - started
     return GGUFWriteReport(
         path=path,
@@ -394,3 +387,27 @@ def block_layout(gguf_type: str) -> list[tuple[str, int, str]]:
     _, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[gguf_type]]
     assert sum(size for _, size, _ in layout) == type_size, gguf_type
     return layout
+
+
+def write_model_file(model: str | None, gguf_type: str, folder: str | os.PathLike) -> tuple[Path, GGUFWriteReport | None]:
+    """The GGUF file of `model`'s transformer in `gguf_type` under `folder`, written first if missing (chapter 07).
+
+    Returns the path and the `GGUFWriteReport` (None when the file was already there).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    from . import env, models
+
+    spec = models.get_model(model)
+    path = Path(folder) / f"{spec.name.replace('/', '--')}-{gguf_type}.gguf"
+    if path.is_file():
+        return path, None
+    device = env.default_device()
+    transformer = FluxTransformer2DModel.from_pretrained(
+        models.model_path(spec.name), subfolder="transformer", dtype=env.default_dtype(env.device_info(device))
+    ).to(device)
+    report = write_gguf(transformer, path, gguf_type)
+    del transformer
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return path, report

@@ -583,6 +583,9 @@ def _quantize_q6_k(superblocks: torch.Tensor) -> torch.Tensor:
     levels, scales = _make_qx_quants_rmse1(x, nmax=32)
     scales = scales.reshape(n_blocks, 16)
 
+    # This scale prologue has the shape of Q3_K's and other arithmetic (Q6_K tests |max| < GROUP_MAX_EPS and scales
+    # by -128, Q3_K tests max != 0 and scales by -32): each is transcribed from its own ggml reference function, and
+    # they are kept apart on purpose, so that each can be read line by line against its source.
     max_scale, max_abs_scale = _first_abs_max(scales, dim=1)
     all_zero = max_abs_scale < GROUP_MAX_EPS
     safe_max_scale = torch.where(all_zero, torch.ones_like(max_scale), max_scale)

@@ -1,8 +1,9 @@
-"""Measuring memory, time and image error, the same way on a CPU and on a CUDA GPU.
+"""Measuring memory and time the same way on a CPU and on a CUDA GPU, and keeping the rows (every chapter).
 
 Every measurement is a `Measurement` row that records the model, recipe, device, package
 versions and date, with units in the field names. Rows become a pandas DataFrame, and are
-saved to JSON or CSV; results from GPU runs live in `results/` in this form.
+saved to JSON or CSV; results from GPU runs live in `results/` in this form and load with
+`load_results`. Error figures (PSNR, SSIM, SQNR, prompt accuracy) are in `quantlab.quality`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ import numpy as np
 import torch
 
 from . import env
+from .env import GIB
+from .files import atomic_output
+from .quality import finite_outputs
 
 __all__ = [
     "GIB",
+
     "Measurement",
     "TimingStats",
     "GenerationTiming",
@@ -43,15 +48,9 @@ __all__ = [
     "time_callable",
     "time_first_call",
     "time_generation",
-    "psnr_db",
-    "ssim",
-    "sqnr_db",
-    "relative_error",
-    "capture_transformer_inputs",
-    "capture_linear_inputs",
-    "random_transformer_inputs",
     "to_frame",
     "save_rows",
+    "json_default",
     "load_rows",
     "results_dir",
     "load_results",
@@ -59,14 +58,9 @@ __all__ = [
     "projected_s_per_image",
     "require_columns",
     "record",
-    "PromptAccuracy",
-    "prompt_accuracy",
     "read_status_kib",
     "reset_peak_host_rss",
 ]
-
-GIB = 1024**3
-
 
 @dataclass
 class Measurement:
@@ -398,7 +392,8 @@ def time_generation(pipe, prompt: str | Sequence[str], call_kwargs: dict[str, An
     """Generate `warmup + repeats` images from the same seed and time them.
 
     `prompt` may be a list: timed image i then uses `prompt[i % len(prompt)]`, so `repeats=len(prompt)`
-    generates one image per prompt (the warm-up images use the first). Per-step times come from a
+    generates one image per prompt (the warm-up images use the first). A non-finite output of the transformer,
+    T5 or the VAE raises `NonFiniteError` (`finite_outputs`). Per-step times come from a
     `callback_on_step_end` that synchronizes and reads the clock after every denoising step; the first
     step of each image is left out, since it includes the prompt encoding that precedes it.
     """
@@ -418,157 +413,20 @@ def time_generation(pipe, prompt: str | Sequence[str], call_kwargs: dict[str, An
         generator = torch.Generator("cpu").manual_seed(seed)
         return pipe(text, generator=generator, callback_on_step_end=on_step_end, **call_kwargs).images[0]
 
-    for _ in range(warmup):
-        generate(prompts[0])
     per_image, per_step, images = [], [], []
-    for index in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        images.append(generate(prompts[index % len(prompts)]))
-        synchronize(device)
-        per_image.append(time.perf_counter() - start)
-        per_step += list(np.diff(step_ends))
+    with finite_outputs(pipe):
+        for _ in range(warmup):
+            generate(prompts[0])
+        for index in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            images.append(generate(prompts[index % len(prompts)]))
+            synchronize(device)
+            per_image.append(time.perf_counter() - start)
+            per_step += list(np.diff(step_ends))
     if not per_step:  # a single step per image: fall back to whole-image time
         per_step = per_image
     return GenerationTiming(TimingStats.of(per_image), TimingStats.of(per_step), images)
-
-
-# --- image error ------------------------------------------------------------------------------
-
-
-def _as_float_array(image) -> np.ndarray:
-    array = np.asarray(image, dtype=np.float64)
-    if array.ndim == 2:
-        array = array[..., None]
-    return array
-
-
-def psnr_db(image, reference, max_value: float = 255.0) -> float:
-    """Peak signal-to-noise ratio of `image` against `reference`, in dB (inf when identical)."""
-    a, b = _as_float_array(image), _as_float_array(reference)
-    if a.shape != b.shape:
-        raise ValueError(f"Images differ in shape: {a.shape} vs {b.shape}.")
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(max_value**2 / mse))
-
-
-def ssim(image, reference, max_value: float = 255.0) -> float:
-    """Structural similarity (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, mean over channels."""
-    a = torch.from_numpy(_as_float_array(image)).permute(2, 0, 1)[None]
-    b = torch.from_numpy(_as_float_array(reference)).permute(2, 0, 1)[None]
-    if a.shape != b.shape:
-        raise ValueError(f"Images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}.")
-    channels = a.shape[1]
-    coords = torch.arange(11, dtype=torch.float64) - 5
-    g = torch.exp(-(coords**2) / (2 * 1.5**2))
-    g = g / g.sum()
-    window = (g[:, None] * g[None, :]).expand(channels, 1, 11, 11)
-
-    def blur(x):
-        return torch.nn.functional.conv2d(x, window, groups=channels)
-
-    c1, c2 = (0.01 * max_value) ** 2, (0.03 * max_value) ** 2
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(index.mean())
-
-
-def sqnr_db(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio of `output` against `reference`, in dB (inf when equal)."""
-    ref = reference.detach().double().cpu()
-    noise = (output.detach().double().cpu() - ref).pow(2).sum()
-    return float("inf") if noise == 0 else float(10 * torch.log10(ref.pow(2).sum() / noise))
-
-
-def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """||output - reference|| / ||reference||, computed in float64."""
-    ref = reference.detach().double().cpu()
-    return float((output.detach().double().cpu() - ref).norm() / ref.norm())
-
-
-class _StopAfterCapture(Exception):
-    pass
-
-
-def capture_transformer_inputs(pipe, prompt: str, call_kwargs: dict[str, Any], seed: int = 0) -> dict[str, Any]:
-    """The keyword arguments of the pipeline's first transformer call: real latents, text embeddings, ids.
-
-    The pipeline stops right there, so this costs a prompt encoding, not a generation. Feed the
-    result to any transformer with `transformer(**inputs)` to compare outputs on identical inputs.
-    """
-    captured: dict[str, Any] = {}
-
-    def hook(module, args, kwargs):
-        captured.update({k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
-        raise _StopAfterCapture
-
-    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **call_kwargs)
-    except _StopAfterCapture:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError("The pipeline never called its transformer, so there was nothing to capture.")
-    captured["return_dict"] = False
-    return captured
-
-
-def random_transformer_inputs(config, height: int = 1024, width: int = 1024, text_tokens: int = 512,
-                              device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                              seed: int = 0) -> dict[str, Any]:
-    """Inputs for one FLUX transformer call at `height`×`width`, drawn from a seeded normal distribution.
-
-    Shaped as `FluxPipeline` shapes them (2×2 latent patches of an 8× smaller latent, position ids,
-    timestep in [0, 1], guidance 3.5), from the transformer's `config` alone: for comparing a
-    full-size transformer with its quantized self without loading the text encoders.
-    """
-    from diffusers import FluxPipeline
-
-    generator = torch.Generator("cpu").manual_seed(seed)
-    rows, cols = height // 16, width // 16  # the VAE divides by 8, then 2x2 patches are packed
-
-    def normal(*shape):
-        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
-
-    return {
-        "hidden_states": normal(1, rows * cols, config["in_channels"]),
-        "encoder_hidden_states": normal(1, text_tokens, config["joint_attention_dim"]),
-        "pooled_projections": normal(1, config["pooled_projection_dim"]),
-        "timestep": torch.tensor([0.5], device=device, dtype=dtype),
-        "guidance": torch.tensor([3.5], device=device, dtype=dtype) if config.get("guidance_embeds") else None,
-        "img_ids": FluxPipeline._prepare_latent_image_ids(1, rows, cols, device, dtype),
-        "txt_ids": torch.zeros(text_tokens, 3, device=device, dtype=dtype),
-        "return_dict": False,
-    }
-
-
-def capture_linear_inputs(model: torch.nn.Module, run: Callable[[], Any],
-                          names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """The input of each `nn.Linear` in `model` (or of those in `names`) during `run()`, copied to the CPU.
-
-    Only the first call of each layer is kept.
-    """
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    if names is not None:
-        layers = {n: layers[n] for n in names}
-    inputs: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, layer in layers.items():
-        def hook(module, args, name=name):
-            inputs.setdefault(name, args[0].detach().to("cpu", copy=True))
-        handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return inputs
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -591,18 +449,19 @@ def require_columns(frame, *columns: str) -> None:
 def save_rows(rows: Iterable[Measurement | dict], path: str | os.PathLike) -> Path:
     """Save rows to `path`: JSON (a list of objects) or CSV, by the file suffix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    records = [asdict(r) if isinstance(r, Measurement) else dict(r) for r in rows]
-    if path.suffix == ".json":
-        path.write_text(json.dumps(records, indent=2, default=_json_default) + "\n")
-    elif path.suffix == ".csv":
-        to_frame(records).to_csv(path, index=False)
-    else:
+    if path.suffix not in (".json", ".csv"):
         raise ValueError(f"Cannot save rows to {path.name}: use a .json or .csv file.")
+    records = [asdict(r) if isinstance(r, Measurement) else dict(r) for r in rows]
+    with atomic_output(path) as partial:  # a killed run leaves the previous file, not half of a new one
+        if path.suffix == ".json":
+            partial.write_text(json.dumps(records, indent=2, default=json_default) + "\n")
+        else:
+            to_frame(records).to_csv(partial, index=False)
     return path
 
 
-def _json_default(value):
+def json_default(value):
+    """`json.dumps(default=...)` for what rows hold besides plain values: numpy numbers, dtypes, paths."""
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return str(value)
@@ -657,39 +516,3 @@ def record(rows: Iterable[Measurement], chapter: str):
         save_rows(rows, Path(run_dir) / "measurements" / f"{chapter}.json")
     return to_frame(rows)
 
-
-# --- prompt accuracy ----------------------------------------------------------------------------
-
-
-@dataclass
-class PromptAccuracy:
-    """How many shape pictures matched their captions (`shapes.prompt_accuracy`), with the pictures."""
-
-    accuracy: float
-    captions: list[str]
-    images: list[Any]
-
-    def __float__(self) -> float:
-        return self.accuracy
-
-
-@torch.no_grad()
-def prompt_accuracy(pipe, call_kwargs: dict[str, Any], captions: Sequence[str] | int = 18, seed: int = 0,
-                    batch_size: int = 18) -> PromptAccuracy:
-    """Generate a picture for each held-out shape caption and score them with the shape detector.
-
-    `captions` is a list of captions, or how many of the mini model's 90 held-out ones to use. The
-    pipeline is called with `call_kwargs` (height, width, steps: the model's `call_kwargs()`), a batch of
-    captions at a time, each batch from `seed`. The figure is meaningful for the mini model, which was
-    trained on these pictures; a random model scores near 0 and the full FLUX.1-dev paints scenes the
-    detector was not built for.
-    """
-    from . import shapes
-
-    captions = shapes.held_out_captions(captions) if isinstance(captions, int) else list(captions)
-    images = []
-    for start in range(0, len(captions), batch_size):
-        generator = torch.Generator("cpu").manual_seed(seed)
-        result = pipe(captions[start:start + batch_size], generator=generator, **call_kwargs)
-        images += [image.convert("RGB") for image in result.images]
-    return PromptAccuracy(shapes.prompt_accuracy([np.asarray(i) for i in images], captions), captions, images)

@@ -20,15 +20,19 @@ local folder or a Hub repo id. The loading code is the same for all four.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .env import GIB
+from .files import atomic_output, remove_stale_partials
 
 __all__ = [
     "ModelSpec",
@@ -46,11 +50,11 @@ __all__ = [
     "component_param_counts",
     "component_sizes_gib",
     "linear_layers",
+    "verify_cache",
     "COMPONENT_NAMES",
 ]
 
 DEFAULT_MODEL = "mini"
-GIB = 1024**3
 
 # The seven pieces of a FluxPipeline, in the order the pipeline's constructor takes them.
 COMPONENT_NAMES = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
@@ -189,8 +193,10 @@ TOKENIZERS_DIR = TRAINED_DIR / "tokenizers"
 
 # Bump when the embedded build changes, so that old caches are not reused. Version 2 builds the models
 # that fit a CPU on the CPU everywhere, so that their random weights are the same on every machine;
-# version 3 copies the shipped tokenizers.
-EMBEDDED_BUILD_VERSION = 3
+# version 3 copies the shipped tokenizers; version 4 records every file's size and hash, which model_path checks.
+EMBEDDED_BUILD_VERSION = 4
+# Caches up to this size are hashed on every use; larger ones (flux-dev-shaped: 34 GB) only have their sizes checked.
+HASH_EVERY_USE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,10 @@ class ModelSpec:
     guidance_scale: float = 3.5
     max_sequence_length: int = 512
     trained: str | None = None  # a folder of TRAINED_DIR whose components replace the random ones
+    # what the chapters ask for by default: a scene the model can draw (a shape caption for the mini model, which
+    # learned only those; a prompt of the HF blog's for the others)
+    prompt: str = ("Baroque style, a lavish palace interior with ornate gilded ceilings, intricate tapestries, and "
+                   "dramatic lighting over a grand staircase.")
 
     def call_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `FluxPipeline.__call__` that suit this model."""
@@ -221,78 +231,30 @@ class ModelSpec:
         }
 
 
-def _dev_configs(transformer: dict, scheduler: dict) -> dict[str, dict[str, Any]]:
-    return {
-        "transformer": transformer,
-        "text_encoder_2": T5_XXL_ENCODER,
-        "text_encoder": CLIP_L_TEXT,
-        "vae": FLUX_DEV_VAE,
-        "scheduler": scheduler,
-    }
+def _configs(transformer: dict, t5: dict, clip: dict, vae: dict, scheduler: dict) -> dict[str, dict[str, Any]]:
+    return {"transformer": transformer, "text_encoder_2": t5, "text_encoder": clip, "vae": vae, "scheduler": scheduler}
 
 
-MODELS: dict[str, ModelSpec] = {
-    "tiny": ModelSpec(
-        name="tiny",
-        source="embedded",
-        description="FLUX.1-dev scaled down to about 17M parameters, random weights, built offline in seconds",
-        configs={
-            "transformer": TINY_TRANSFORMER,
-            "text_encoder_2": TINY_T5,
-            "text_encoder": TINY_CLIP,
-            "vae": TINY_VAE,
-            "scheduler": FLUX_DEV_SCHEDULER,
-        },
-        height=128,
-        width=128,
-        steps=4,
-        max_sequence_length=64,
-    ),
-    "mini": ModelSpec(
-        name="mini",
-        source="embedded",
-        description="a small FLUX trained on captioned coloured shapes: 64×64 pictures that follow the prompt",
-        configs={
-            "transformer": MINI_TRANSFORMER,
-            "text_encoder_2": TINY_T5,
-            "text_encoder": TINY_CLIP,
-            "vae": MINI_VAE,
-            "scheduler": MINI_SCHEDULER,
-        },
-        height=64,
-        width=64,
-        steps=10,  # held-out prompt accuracy is the same at 10 steps as at 20 (results/10_mini_prompt_accuracy.json)
-        guidance_scale=1.0,
-        max_sequence_length=48,
-        trained="mini",
-    ),
-    "flux-dev-shaped": ModelSpec(
-        name="flux-dev-shaped",
-        source="embedded",
-        description="the real 12B FLUX.1-dev architecture with random weights, generated on the GPU",
-        configs=_dev_configs(FLUX_DEV_TRANSFORMER, FLUX_DEV_SCHEDULER),
-        needs_gpu=True,
-    ),
-    "black-forest-labs/FLUX.1-dev": ModelSpec(
-        name="black-forest-labs/FLUX.1-dev",
-        source="hub",
-        description="FLUX.1-dev from the Hub (gated: accept the licence and log in)",
-        configs=_dev_configs(FLUX_DEV_TRANSFORMER, FLUX_DEV_SCHEDULER),
-        gated=True,
-    ),
-    "black-forest-labs/FLUX.1-schnell": ModelSpec(
-        name="black-forest-labs/FLUX.1-schnell",
-        source="hub",
-        description="FLUX.1-schnell from the Hub (no login needed), 4 steps, no guidance",
-        configs=_dev_configs(
-            {**FLUX_DEV_TRANSFORMER, "guidance_embeds": False},
-            {**FLUX_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False},
-        ),
-        steps=4,
-        guidance_scale=0.0,
-        max_sequence_length=256,
-    ),
-}
+_DEV = _configs(FLUX_DEV_TRANSFORMER, T5_XXL_ENCODER, CLIP_L_TEXT, FLUX_DEV_VAE, FLUX_DEV_SCHEDULER)
+_SCHNELL = {**_DEV, "transformer": {**FLUX_DEV_TRANSFORMER, "guidance_embeds": False},
+            "scheduler": {**FLUX_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}}
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
+    ModelSpec("tiny", "embedded", "FLUX.1-dev scaled down to about 17M parameters, random weights, built offline in "
+              "seconds", _configs(TINY_TRANSFORMER, TINY_T5, TINY_CLIP, TINY_VAE, FLUX_DEV_SCHEDULER), height=128,
+              width=128, steps=4, max_sequence_length=64),
+    # held-out prompt accuracy is the same at 10 steps as at 20 (results/10_mini_prompt_accuracy.json)
+    ModelSpec("mini", "embedded", "a small FLUX trained on captioned coloured shapes: 64×64 pictures that follow the "
+              "prompt", _configs(MINI_TRANSFORMER, TINY_T5, TINY_CLIP, MINI_VAE, MINI_SCHEDULER), height=64, width=64,
+              steps=10, guidance_scale=1.0, max_sequence_length=48, trained="mini",
+              prompt="a small red circle at the top left on a blue background"),
+    ModelSpec("flux-dev-shaped", "embedded", "the real 12B FLUX.1-dev architecture with random weights, generated on "
+              "the GPU", _DEV, needs_gpu=True),
+    ModelSpec("black-forest-labs/FLUX.1-dev", "hub", "FLUX.1-dev from the Hub (gated: accept the licence and log in)",
+              _DEV, gated=True),
+    ModelSpec("black-forest-labs/FLUX.1-schnell", "hub", "FLUX.1-schnell from the Hub (no login needed), 4 steps, "
+              "no guidance", _SCHNELL, steps=4, guidance_scale=0.0, max_sequence_length=256),
+]}
 
 
 def list_models() -> list[str]:
@@ -427,10 +389,7 @@ def build_embedded_model(name: str, path: str | os.PathLike, seed: int = 0, devi
             "machine has none. Use QUANTLAB_MODEL=tiny on a CPU."
         )
     trained = _trained_folder(spec)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
+    with atomic_output(path) as staging:
         # the shipped tokenizers: training them again is not deterministic (tie-breaking varies with the
         # machine's threads), and the mini model's transformer was trained on these token ids
         shutil.copytree(TOKENIZERS_DIR / "clip", staging / "tokenizer")
@@ -446,16 +405,52 @@ def build_embedded_model(name: str, path: str | os.PathLike, seed: int = 0, devi
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
         _write_model_index(staging)
-        (staging / "quantlab.json").write_text(
-            json.dumps({"model": name, "seed": seed, "build_version": EMBEDDED_BUILD_VERSION}, indent=2)
-        )
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return path
+        found = [f for f in sorted(staging.rglob("*")) if f.is_file()]
+        hashed = sum(f.stat().st_size for f in found) <= HASH_EVERY_USE_BYTES  # 34 GB would take minutes
+        files = {f.relative_to(staging).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f) if hashed else None}
+                 for f in found}
+        (staging / MANIFEST).write_text(json.dumps(
+            {"model": name, "seed": seed, "build_version": EMBEDDED_BUILD_VERSION, "files": files}, indent=2))
+    return Path(path)
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# What a build records about itself, in the model's folder: the model, seed, build version, and every file's
+# size and (for a cache below HASH_EVERY_USE_BYTES) its SHA-256.
+MANIFEST = "quantlab.json"
+
+
+def verify_cache(path: str | os.PathLike, hashes: bool | None = None) -> str | None:
+    """Why the embedded model folder at `path` is not what its build wrote, or None when it is (chapter 00).
+
+    Sizes are always checked; hashes too when `hashes` is True, or, by default, when the folder is smaller than
+    `HASH_EVERY_USE_BYTES`. A missing folder, manifest or file, another size or another hash are each named.
+    """
+    path = Path(path)
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as error:
+        return f"its manifest {MANIFEST} is missing or unreadable ({type(error).__name__})"
+    if hashes is None:
+        hashes = sum(entry["bytes"] for entry in files.values()) <= HASH_EVERY_USE_BYTES
+    hashes = hashes and all(entry["sha256"] for entry in files.values())  # a large build records sizes only
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            return f"{name} is {size:,} bytes, and its build wrote {entry['bytes']:,} (truncated or overwritten)"
+        if hashes and _sha256(file) != entry["sha256"]:
+            return f"{name} does not hash to what its build wrote (corrupt)"
+    return None
 
 
 def _write_model_index(folder: Path) -> None:
@@ -515,17 +510,28 @@ def _embedded_path(name: str, seed: int) -> Path:
 def model_path(name: str | None = None, seed: int = 0) -> str:
     """What to pass to `from_pretrained` for `name`: a cached local folder, or a Hub repo id.
 
-    Embedded models are built on first use. Hub models are checked before anything is
-    downloaded: a gated model needs a token, and the Hub must be reachable unless the
+    Embedded models are built on first use, and their files checked against what the build recorded
+    on every use (`verify_cache`): a damaged cache (a killed copy, a full disk) is rebuilt, with a line
+    saying so. Hub models are checked before anything is downloaded: a gated model needs a token, and the Hub must be reachable unless the
     model is already in the local Hugging Face cache.
     """
     spec = get_model(name)
-    if spec.source == "embedded":
-        path = _embedded_path(spec.name, seed)
-        if not (path / "model_index.json").exists():
-            build_embedded_model(spec.name, path, seed=seed)
+    if spec.source != "embedded":
+        return check_hub_access(spec)
+    path = _embedded_path(spec.name, seed)
+    remove_stale_partials(path.parent)  # what killed builds left, before anything else is written
+    if not path.exists():
+        build_embedded_model(spec.name, path, seed=seed)
         return str(path)
-    return check_hub_access(spec)
+    damage = verify_cache(path)
+    if damage:
+        if spec.needs_gpu and not torch.cuda.is_available():
+            raise ModelUnavailableError(
+                f"The cached {spec.name} at {path} is damaged: {damage}. It is rebuilt on a CUDA GPU, and this "
+                f"machine has none: delete {path} and run this again on a GPU machine.")
+        print(f"quantlab: the cached {spec.name} at {path} is damaged ({damage}); rebuilding it.", file=sys.stderr)
+        build_embedded_model(spec.name, path, seed=seed)
+    return str(path)
 
 
 def check_hub_access(spec: ModelSpec) -> str:

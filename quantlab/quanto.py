@@ -26,7 +26,6 @@ __all__ = [
     "kernel_extensions",
     "load_kernels",
     "deprecation_messages",
-    "quantize_and_compare",
 ]
 
 # The names diffusers' `QuantoConfig(weights_dtype=...)` accepts, in the order of the chapter.
@@ -133,61 +132,3 @@ def deprecation_messages(fn: Callable[[], Any]) -> tuple[Any, list[str]]:
             if text not in messages:
                 messages.append(text)
     return result, messages
-
-
-def quantize_and_compare(model: str | None = None, weight_types: tuple[str, ...] = ("float8", "int8", "int4"),
-                         device: str | None = None, height: int = 1024, width: int = 1024, text_tokens: int = 512,
-                         seed: int = 0, repeats: int = 3) -> list:
-    """For each weight type: a fresh transformer on `device`, `quantize()`+`freeze()` timed, then one forward
-    pass on seeded random inputs compared with the unquantized output. Returns one `Measurement` per type.
-
-    This is how the committed full-scale quanto rows were made (`results/04_quanto_flux-dev-shaped.json`).
-    """
-    import gc
-
-    from diffusers import FluxTransformer2DModel
-    from optimum.quanto import freeze, quantize
-
-    from . import env, measure, models
-
-    spec = models.get_model(model)
-    device = device or env.default_device()
-    dtype = env.default_dtype(env.device_info(device))
-    path = models.model_path(spec.name)
-
-    def fresh():
-        gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        return FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype).to(device)
-
-    transformer = fresh()
-    inputs = measure.random_transformer_inputs(transformer.config, height, width, text_tokens, device=device,
-                                               dtype=dtype, seed=seed)
-    with torch.no_grad():
-        reference = transformer(**inputs)[0].float().cpu()
-    del transformer
-    rows = []
-    for weights in weight_types:
-        transformer = fresh()
-        measure.synchronize(device)
-        start = time.perf_counter()
-        quantize(transformer, weights=qtype(weights))
-        freeze(transformer)
-        measure.synchronize(device)
-        quantize_s = time.perf_counter() - start
-        with torch.no_grad():
-            output = transformer(**inputs)[0].float().cpu()
-            forward = measure.time_callable(lambda: transformer(**inputs), warmup=0, repeats=repeats, device=device)
-        rows.append(measure.new_row(
-            spec.name, f"quanto-{weights} direct quantize+freeze on the GPU" if device.startswith("cuda")
-            else f"quanto-{weights} direct quantize+freeze", device, height=height, width=width,
-            weights_bytes=measure.weights_bytes(transformer),
-            extra={"quantize_freeze_s": quantize_s, "forward_ms": forward.median_s * 1000,
-                   "transformer_sqnr_db": measure.sqnr_db(output, reference),
-                   "output_finite": bool(torch.isfinite(output).all()),
-                   "weight_tensor_types": weight_tensor_types(transformer),
-                   "inputs": f"seeded random latents and text embeddings, {height}x{width}, {text_tokens} text tokens"},
-        ))
-        del transformer
-    return rows

@@ -1,10 +1,10 @@
 """torchao's Linear quantization configs, probed live, each in a process of its own.
 
 Some configs fail here with a clean Python error (a CUDA-only kernel, a missing optional
-package); some combinations crash the interpreter itself (torch 2.13 + torchao 0.18: int8
-weight-only + `torch.compile` on a CPU ends in a segmentation fault). So `capability_table` runs
-the configs in a worker process: a Python error becomes a row that says why, and a crash
-becomes a row that names the signal, while the notebook goes on.
+package); some combinations can crash the interpreter itself (torch 2.13's int8 weight-only CPU kernel,
+which compiled torchao models call, reads its input with aligned loads and dies on a misaligned one). So
+`capability_table` runs the configs in a worker process: a Python error becomes a row that says why,
+and a crash becomes a row that names the signal, while the notebook goes on.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def _probe_one(config: LinearConfig, model_path: str, device: str, inputs: dict,
                compile: bool, repeats: int) -> dict[str, Any]:
     from diffusers import FluxTransformer2DModel, TorchAoConfig
 
-    from . import measure
+    from . import measure, quality
 
     row: dict[str, Any] = {"config": config.name, "kind": config.kind}
     started = time.perf_counter()
@@ -155,15 +155,22 @@ def _probe_one(config: LinearConfig, model_path: str, device: str, inputs: dict,
     row["quantized_linear_bytes"] = sum(measure.tensor_storage_bytes(m.weight) for m in quantized)
     row["bf16_linear_bytes"] = sum(2 * m.weight.numel() for m in quantized)
     row["transformer_bytes"] = measure.weights_bytes(model)
-    if compile:
-        model.compile()
+    if compile:  # the eager output first, to check the compiled one against
+        with torch.no_grad():
+            eager = model(**inputs)[0]
+        # inductor keeps fp32 where eager rounds to bf16 and back: FLUX.1's `guidance * 1000` is 3504 eagerly in bf16
+        # and 3500 compiled, which moves every output (chapter 03); emulating the casts compiles what eager computes
+        model.compile(options={"emulate_precision_casts": True})
     with torch.no_grad():
         output, row["first_call_s"], timing = measure.time_first_call(lambda: model(**inputs)[0], warmup=0,
                                                                       repeats=repeats, device=device)
     row["forward_ms"] = timing.median_s * 1e3
-    row["sqnr_db"] = measure.sqnr_db(output, reference)
+    row["sqnr_db"] = quality.sqnr_db(output, reference)
     if compile:
         row["compile_s"] = row["first_call_s"] - timing.median_s
+        check = quality.compare_compiled(output, eager, own_error_db=quality.sqnr_db(eager, reference))
+        row.update(eager_sqnr_db=check.own_error_db, compiled_vs_eager_sqnr_db=check.sqnr_db,
+                   compile_disagrees=not check.agrees)
         row.update(_recompile_guard(model, inputs))
     return row
 
@@ -190,7 +197,10 @@ def _worker(job_path: str) -> None:
     from safetensors.torch import load_file
 
     job = json.loads(Path(job_path).read_text())
-    tensors = load_file(job["tensors"], device=job["device"])
+    # cloned: safetensors hands out tensors at the file's own offsets, and ATen's int8 weight-only CPU kernel
+    # (_weight_int8pack_mm, which inductor puts in place of torchao's matmul) loads its input with aligned vector
+    # loads: an input 2, 4 or 8 bytes off a 32-byte boundary crashes it (SIGSEGV)
+    tensors = {name: t.clone() for name, t in load_file(job["tensors"], device=job["device"]).items()}
     reference = tensors.pop("__reference__")
     inputs = {**tensors, **job["scalars"]}
     by_name = {c.name: c for c in LINEAR_CONFIGS}

@@ -31,7 +31,7 @@ def reference(tiny_path):
 @pytest.fixture(scope="module")
 def inputs(tiny_pipe):
     call = {**ql.get_model("tiny").call_kwargs(), "num_inference_steps": 2}
-    return ql.measure.capture_transformer_inputs(tiny_pipe, "a red circle", call)
+    return ql.quality.capture_transformer_inputs(tiny_pipe, "a red circle", call)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_double_quantization_saves_about_a_third_of_a_bit_per_weight(reference, 
 def test_nf4_error_is_at_most_fp4_error(reference, quantized, inputs):
     with torch.no_grad():
         target = reference(**inputs)[0]
-        sqnr = {name: ql.measure.sqnr_db(quantized[name](**inputs)[0], target) for name in ("8bit", "fp4", "nf4")}
+        sqnr = {name: ql.quality.sqnr_db(quantized[name](**inputs)[0], target) for name in ("8bit", "fp4", "nf4")}
     assert sqnr["nf4"] >= sqnr["fp4"]
     assert sqnr["8bit"] > sqnr["nf4"] + 6  # 8-bit is far closer to bf16
     assert sqnr["8bit"] > 25
@@ -101,7 +101,7 @@ def test_dequantize_restores_dtype_and_bytes(tiny_path, reference):
     assert ql.bnb.quantized_linears(restored) == {}
     assert restored.transformer_blocks[0].attn.to_q.weight.dtype == torch.bfloat16
     assert ql.measure.weights_bytes(restored) == ql.measure.weights_bytes(reference)
-    error = ql.measure.relative_error(restored.transformer_blocks[0].ff.net[2].weight,
+    error = ql.quality.relative_error(restored.transformer_blocks[0].ff.net[2].weight,
                                       reference.transformer_blocks[0].ff.net[2].weight)
     assert 0.02 < error < 0.15  # the 4-bit rounding stays; only the storage goes back to bf16
     with pytest.raises(ValueError, match="nothing to dequantize"):
@@ -143,7 +143,7 @@ def test_outlier_column_fraction_counts_columns():
 
 def test_layer_errors_rank_4bit_above_8bit(reference, inputs):
     names = ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"]
-    captured = ql.measure.capture_linear_inputs(reference, lambda: reference(**inputs), names)
+    captured = ql.quality.capture_linear_inputs(reference, lambda: reference(**inputs), names)
     assert set(captured) == set(names)
     eight = {r["layer"]: r["relative_error"] for r in ql.bnb.layer_errors(reference, captured, CONFIGS["8bit"])}
     four = {r["layer"]: r["relative_error"] for r in ql.bnb.layer_errors(reference, captured, CONFIGS["nf4"])}
@@ -204,7 +204,7 @@ def test_quantized_layers_run_in_the_models_mode_so_the_threshold_acts(tiny_path
             config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
             model = ql.bnb.quantize_modules(bf16_transformer(tiny_path), config)
             assert not any(layer.training for layer in ql.bnb.quantized_linears(model).values())
-            sqnr[threshold] = ql.measure.sqnr_db(model(**inputs)[0], target)
+            sqnr[threshold] = ql.quality.sqnr_db(model(**inputs)[0], target)
     assert sqnr[1.0] > sqnr[0.0] + 1  # routing most columns through 16-bit lowers the error
 
 
@@ -213,8 +213,8 @@ def test_4bit_storage_and_dequantize_survive_a_cpu_forward(tiny_path, reference,
     stored = ql.measure.weights_bytes(model)
     with torch.no_grad():
         target = reference(**inputs)[0]
-        quantized_sqnr = ql.measure.sqnr_db(model(**inputs)[0], target)
+        quantized_sqnr = ql.quality.sqnr_db(model(**inputs)[0], target)
     assert ql.measure.weights_bytes(model) == stored  # nested scales stay 8-bit after running
     restored = ql.bnb.dequantize_modules(model)
     with torch.no_grad():
-        assert ql.measure.sqnr_db(restored(**inputs)[0], target) == pytest.approx(quantized_sqnr, abs=0.05)
+        assert ql.quality.sqnr_db(restored(**inputs)[0], target) == pytest.approx(quantized_sqnr, abs=0.05)

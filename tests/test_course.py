@@ -73,3 +73,47 @@ def test_the_course_ends_with_the_comparison_table(tmp_path):
     assert lines[4] == "| bf16 | 0.03 | 0.4 | host RSS | 0.2 | 0.03125 | inf | 1 | inf | 0.9 |"
     assert lines[5].startswith("| quanto-int8 |") and "32.9" in lines[5] and len(lines) == 6
     assert lines[5].endswith("|  |")  # a row without prompt accuracy leaves the column empty
+
+
+def _executed(tmp_path, outputs):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(1)", outputs=outputs)])
+    path = tmp_path / "notebooks" / "03_x.ipynb"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+def test_a_chapters_run_is_a_row_with_its_stderr_lines_and_first_error(tmp_path):
+    import nbformat
+
+    stream = nbformat.v4.new_output("stream", name="stderr", text="a warning\nanother line\n")
+    error = nbformat.v4.new_output("error", ename="RuntimeError", evalue="No GPU found.", traceback=[])
+    executed = _executed(tmp_path, [stream, nbformat.v4.new_output("stream", name="stdout", text="fine\n"), error])
+    assert course.stderr_lines(executed) == ["a warning", "another line"]
+    row = course.chapter_row(tmp_path / "03_x.ipynb", tmp_path / "notebooks", "mini", 12.5, RuntimeError("cell 3"))
+    assert (row.recipe, row.model) == ("03_x", "mini")
+    assert row.extra == {"status": "failed", "seconds": 12.5, "stderr_lines": 2,
+                         "first_error": "RuntimeError: No GPU found."}
+    ok = course.chapter_row(tmp_path / "04_y.ipynb", tmp_path / "notebooks", "mini", 3.0, None)  # never executed
+    assert ok.extra["status"] == "ran" and ok.extra["stderr_lines"] == 0 and ok.extra["first_error"] is None
+
+
+def test_keep_going_runs_every_chapter_and_records_each(tmp_path, monkeypatch):
+    paths = [tmp_path / "00_a.ipynb", tmp_path / "01_b.ipynb"]
+
+    def run(path, out_dir, parameters, run_dir=None):
+        if path.name == "00_a.ipynb":
+            raise RuntimeError("cell 2 failed")
+        return 4.0
+
+    monkeypatch.setattr(course, "run_notebook", run)
+    monkeypatch.setattr(course, "notebook_paths", lambda: paths)
+    out = tmp_path / "build"
+    assert course.main(["--model", "tiny", "--out", str(out), "--keep-going"]) == 1
+    rows = ql.measure.load_rows(out / "course.json")
+    assert [(r.recipe, r.extra["status"]) for r in rows] == [("00_a", "failed"), ("01_b", "ran")]
+    assert rows[0].extra["first_error"] == "RuntimeError: cell 2 failed" and rows[1].extra["seconds"] == 4.0
+    with pytest.raises(RuntimeError, match="cell 2 failed"):  # without it, the first failure stops the run
+        course.main(["--model", "tiny", "--out", str(tmp_path / "again")])

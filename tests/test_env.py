@@ -141,3 +141,86 @@ def test_a_described_gpu_computes_in_what_its_compute_capability_allows():
     assert (ada.compute_capability, ada.bf16, ada.fp8, ada.total_memory_gib) == ((8, 9), True, True, 22.0)
     ampere = env.describe_gpu("NVIDIA A100", (8, 0))
     assert ampere.bf16 and not ampere.fp8
+
+
+# --- the GPUs the course meets, and the one hardware check --------------------------------------
+
+
+def test_gpus_are_looked_up_by_the_name_a_device_reports():
+    assert env.gpu_spec("NVIDIA H100 PCIe").name == "H100 PCIe"  # before "H100", which its name contains
+    assert env.gpu_spec("NVIDIA H100 80GB HBM3").bf16_tflops == 989.4
+    assert env.gpu_spec("NVIDIA L40S").name == "L40S" and env.gpu_spec("NVIDIA L4").name == "L4"
+    assert env.peak_tflops("NVIDIA H200", "fp8") == 1978.9 and env.peak_tflops("Tesla T4", "bf16") is None
+    assert env.peak_tflops("Tesla T4", "fp16") == 65.0 and env.peak_tflops("a GPU we do not know") is None
+    for gpu in env.GPUS.values():
+        described = env.describe_gpu(gpu.name, gpu.compute_capability)
+        assert described.fp8 == (gpu.fp8_tflops is not None) and described.bf16 == (gpu.bf16_tflops is not None)
+
+
+def test_a_free_colab_runtime_in_gib():
+    assert env.COLAB_HOST_RAM_GIB == pytest.approx(12.7e9 / 2**30, abs=0.05)  # 12.7 GB is 11.8 GiB
+    assert env.COLAB_T4_GPU_GIB == env.GPUS["T4"].memory_gib and env.T4_USABLE_GIB < env.COLAB_T4_GPU_GIB
+
+
+NEEDS_CUDA = env.Needs("a thing", why="it is a CUDA kernel", instead="the other thing", cuda=True)
+NEEDS_ADA = env.Needs("fp8", why="fp8 tensor cores", instead="int8", min_cc=(8, 9))
+NEEDS_TURING_TO_ADA = env.Needs("old kernels", why="built for Turing to Ada", instead="SDNQ", min_cc=(7, 5),
+                                below_cc=(9, 0))
+
+
+def test_the_hardware_check_says_what_is_missing_and_what_to_use():
+    with pytest.raises(env.UnsupportedHardwareError, match=r"'x' needs a CUDA GPU \(it is a CUDA kernel\), and "
+                                                             r"this device is CPU.*Instead: the other thing\."):
+        env.check_hardware("x", [NEEDS_CUDA], DeviceInfo("cpu", "CPU (test)"))
+    with pytest.raises(env.UnsupportedHardwareError, match=r"needs a CUDA GPU \(fp8 tensor cores\)"):
+        env.check_hardware("x", [NEEDS_ADA], DeviceInfo("cpu", "CPU (test)"))  # a compute capability means a GPU
+    with pytest.raises(env.UnsupportedHardwareError, match=r"needs compute capability 8\.9\+ \(fp8 tensor cores\); "
+                                                             r"Tesla T4 \(cc 7\.5\) has 7\.5\. Instead: int8\."):
+        env.check_hardware("x", [NEEDS_ADA], T4)
+    env.check_hardware("x", [NEEDS_ADA, NEEDS_CUDA], H100)
+    env.check_hardware("x", [NEEDS_TURING_TO_ADA], T4)
+    with pytest.raises(env.UnsupportedHardwareError, match=r"compute capability below 9\.0 \(built for Turing to "
+                                                             r"Ada\), and this device is NVIDIA H100"):
+        env.check_hardware("x", [NEEDS_TURING_TO_ADA], H100)
+    with pytest.raises(env.UnsupportedHardwareError, match="bf16 needs compute capability 8.0"):
+        env.check_hardware("x", [], T4, torch.bfloat16)
+    env.check_hardware("x", [], T4, torch.float16)
+
+
+def test_a_missing_or_broken_package_is_named_with_its_pip_line(monkeypatch):
+    need = env.Needs("FlashAttention-3", why="w", instead="attn-cudnn", modules=(("no_such_module_xyz", "xyz==1.0"),))
+    with pytest.raises(env.UnsupportedHardwareError, match=r"needs FlashAttention-3, which is not installed here\. "
+                                                             r"Install it with `pip install xyz==1\.0`"):
+        env.check_hardware("x", [need], H100)
+    env.check_hardware("x", [need], H100, packages=False)  # the hardware alone, for a GPU described
+    monkeypatch.setattr(env.importlib.util, "find_spec", lambda name, *args: object())
+
+    def no_cuda_13(name, *args):
+        raise OSError("libcudart.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(env.importlib, "import_module", no_cuda_13)
+    assert env._module_problem("fa3_fwd_interface").startswith("installed here but does not load (OSError: libcudart")
+    broken = env.Needs("a version diffusers can drive", why="w", instead="pin 0.43.0",
+                       software=lambda: "nvidia-modelopt 0.47.0 is installed, and diffusers 0.42.1 drives up to 0.43")
+    with pytest.raises(env.UnsupportedHardwareError, match="needs a version diffusers can drive: nvidia-modelopt 0.47.0"):
+        env.check_hardware("x", [broken], DeviceInfo("cpu", "CPU (test)"))
+
+
+def test_unsupported_hardware_error_is_a_runtime_error():
+    assert issubclass(env.UnsupportedHardwareError, RuntimeError)
+
+
+def test_known_import_notices_are_dropped_and_nothing_else(caplog):
+    import logging
+
+    env.quiet_import_notices()
+    env.quiet_import_notices()  # twice is once
+    logger = logging.getLogger("torchao")
+    assert sum(isinstance(f, env._KnownNotices) for f in logger.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load /x/site-packages/torchao/_C_mxfp8.so: Could not load this library")
+        logger.warning("Failed to quantize layer 3")  # another warning still shows
+        logger.error("Failed to load /x/site-packages/torchao/_C_mxfp8.so")  # an error is never hidden
+    assert [r.getMessage() for r in caplog.records] == ["Failed to quantize layer 3",
+                                                        "Failed to load /x/site-packages/torchao/_C_mxfp8.so"]
+    assert len(env.KNOWN_IMPORT_NOTICES) == 6 and all(why for _, _, why in env.KNOWN_IMPORT_NOTICES)

@@ -1,15 +1,16 @@
-"""Tests for quantlab.measure: image error, stored bytes, timing, host memory and result files."""
+"""Tests for quantlab.measure: stored bytes, timing, host memory and result files (error figures: test_quality)."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
 import json
-import math
 import os
 import re
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,102 +28,14 @@ from quantlab.measure import (
     memory_after_load_gib,
     new_row,
     peak_gpu_memory_gib,
-    psnr_db,
     record,
     save_rows,
-    ssim,
     tensor_storage_bytes,
     time_callable,
     time_generation,
     track_peak_host_rss,
     weights_bytes,
 )
-
-
-def _image(seed: int = 0, shape=(64, 64, 3)) -> np.ndarray:
-    """A random uint8 image with values kept away from 0 and 255, so offsets and noise do not clip."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(20, 236, size=shape, dtype=np.uint8)
-
-
-def _smooth_image(size: int = 64) -> np.ndarray:
-    """A smooth RGB image with structure at several scales (gradients and a blob)."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
-    r = 60 + 120 * x / (size - 1)
-    g = 60 + 120 * y / (size - 1)
-    b = 60 + 120 * np.exp(-((x - size / 2) ** 2 + (y - size / 2) ** 2) / (2 * (size / 6) ** 2))
-    return np.stack([r, g, b], axis=-1).round().astype(np.uint8)
-
-
-# --- psnr_db ------------------------------------------------------------------------------------
-
-
-def test_psnr_identical_is_inf():
-    image = _image()
-    assert psnr_db(image, image.copy()) == float("inf")
-
-
-def test_psnr_constant_offset_matches_formula():
-    image = _image()
-    shifted = image + np.uint8(10)  # values 20..235 -> 30..245: no wrap-around
-    assert int(shifted.min()) == int(image.min()) + 10
-    expected = 10 * math.log10(255**2 / 100)  # MSE of a constant offset of 10 is 100
-    assert psnr_db(shifted, image) == pytest.approx(expected, abs=1e-9)
-    assert psnr_db(image, shifted) == pytest.approx(expected, abs=1e-9)
-
-
-def test_psnr_respects_max_value():
-    a = np.zeros((4, 4))
-    b = np.full((4, 4), 0.1)  # MSE 0.01 on a 0..1 scale -> 20 dB
-    assert psnr_db(a, b, max_value=1.0) == pytest.approx(20.0, abs=1e-9)
-
-
-def test_psnr_grayscale_and_pil_inputs():
-    from PIL import Image
-
-    gray = _image(shape=(16, 16))
-    rgb = _image(1)
-    assert psnr_db(Image.fromarray(rgb), rgb) == float("inf")
-    assert psnr_db(gray, gray.astype(np.float32) + 5) == pytest.approx(10 * math.log10(255**2 / 25), abs=1e-9)
-
-
-def test_psnr_shape_mismatch_raises():
-    with pytest.raises(ValueError, match="differ in shape"):
-        psnr_db(np.zeros((8, 8, 3)), np.zeros((8, 9, 3)))
-
-
-# --- ssim ---------------------------------------------------------------------------------------
-
-
-def test_ssim_identical_is_one():
-    image = _smooth_image()
-    assert ssim(image, image.copy()) == pytest.approx(1.0, abs=1e-9)
-    noisy = _image(3)
-    assert ssim(noisy, noisy.copy()) == pytest.approx(1.0, abs=1e-9)
-
-
-def test_ssim_of_inverse_is_low():
-    image = _image(4)
-    inverse = 255 - image
-    value = ssim(inverse, image)
-    assert value < 0.1
-    assert value < 0  # anti-correlated structure gives a negative index
-
-
-def test_ssim_drops_monotonically_with_noise():
-    image = _smooth_image().astype(np.float64)
-    rng = np.random.default_rng(0)
-    noise = rng.standard_normal(image.shape)
-    values = [ssim(np.clip(image + sigma * noise, 0, 255), image) for sigma in (2, 5, 15, 30)]
-    assert values == sorted(values, reverse=True)
-    assert values[0] < 1.0
-    assert values[1] > values[3] + 0.1  # sigma 5 clearly above sigma 30
-    assert values[3] > 0
-
-
-def test_ssim_shape_mismatch_raises():
-    with pytest.raises(ValueError, match="differ in shape"):
-        ssim(np.zeros((16, 16, 3)), np.zeros((16, 16, 1)))
 
 
 # --- weights_bytes / tensor_storage_bytes ---------------------------------------------------------
@@ -427,6 +340,53 @@ def test_save_rows_unknown_suffix_raises(tmp_path):
     assert not (tmp_path / "rows.parquet").exists()
 
 
+def test_json_default_writes_numpy_numbers_as_numbers_and_the_rest_as_text():
+    assert measure.json_default(np.float32(1.5)) == 1.5 and type(measure.json_default(np.float32(1.5))) is float
+    assert measure.json_default(np.int64(7)) == 7 and type(measure.json_default(np.int64(7))) is int
+    assert measure.json_default(torch.bfloat16) == "torch.bfloat16"
+    assert measure.json_default(Path("results") / "a.json") == str(Path("results") / "a.json")
+    text = json.dumps({"dtype": torch.float16, "n": np.int32(3)}, default=measure.json_default)
+    assert json.loads(text) == {"dtype": "torch.float16", "n": 3}
+
+
+def _partials(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name)
+
+
+def test_save_rows_replaces_a_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = save_rows(_rows(), tmp_path / "rows.csv")
+    before = path.read_text()
+
+    class HalfWritten:  # a writer that dies halfway (a full disk, a killed run)
+        def to_csv(self, partial, index):
+            Path(partial).write_text("model,recipe\ntiny,")
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(measure, "to_frame", lambda records: HalfWritten())
+    with pytest.raises(OSError, match="No space left"):
+        save_rows(_rows()[:1], path)
+    assert path.read_text() == before  # the old file, whole
+    assert _partials(tmp_path) == []  # and no debris beside it
+
+
+def test_save_rows_writes_through_a_partial_and_clears_those_of_dead_writers(tmp_path, monkeypatch):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".rows.json.partial-{int(dead.stdout)}"  # left by a writer that was killed
+    stale.write_text("[{")
+    written = []
+    real_atomic_output = measure.atomic_output
+
+    def watched(target):
+        written.append(target)
+        return real_atomic_output(target)
+
+    monkeypatch.setattr(measure, "atomic_output", watched)
+    rows = _rows()
+    path = save_rows(rows, tmp_path / "rows.json")
+    assert written == [path] and load_rows(path) == rows
+    assert _partials(tmp_path) == []
+
+
 def test_load_rows_corrupt_json_names_the_file(tmp_path):
     path = tmp_path / "broken-results.json"
     path.write_text('[{"model": "tiny",')
@@ -479,41 +439,7 @@ def test_record_without_run_dir_writes_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-# --- error measures, captured inputs, folder size (added with chapter 01) -----------------------
-
-
-def test_sqnr_and_relative_error_known_values():
-    reference = torch.tensor([3.0, 4.0])  # norm 5
-    noisy = reference + torch.tensor([0.3, 0.4])  # error norm 0.5: 10% relative, 20 dB
-    assert measure.relative_error(noisy, reference) == pytest.approx(0.1)
-    assert measure.sqnr_db(noisy, reference) == pytest.approx(20.0)
-    assert measure.sqnr_db(reference, reference) == float("inf")
-
-
-def test_capture_transformer_inputs_stops_at_the_first_call(tiny_pipe):
-    calls = []
-    handle = tiny_pipe.transformer.register_forward_hook(lambda *args: calls.append(1))
-    try:
-        call = {**ql.get_model("tiny").call_kwargs(), "num_inference_steps": 3}
-        inputs = measure.capture_transformer_inputs(tiny_pipe, "a red circle", call)
-    finally:
-        handle.remove()
-    assert calls == []  # stopped before the transformer ran
-    assert inputs["hidden_states"].shape == (1, 64, 64)  # 128x128 pixels -> 8x8 packed latents of 64 channels
-    assert inputs["encoder_hidden_states"].shape == (1, 64, 256)
-    assert inputs["return_dict"] is False
-    with torch.no_grad():
-        assert tiny_pipe.transformer(**inputs)[0].shape == (1, 64, 64)
-
-
-def test_capture_linear_inputs_keeps_each_layers_first_input():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-    x = torch.randn(5, 4)
-    captured = measure.capture_linear_inputs(model, lambda: (model(x), model(x + 1)))
-    assert set(captured) == {"0", "2"}
-    assert torch.equal(captured["0"], x)
-    assert torch.equal(captured["2"], torch.relu(model[0](x)).detach())
-    assert set(measure.capture_linear_inputs(model, lambda: model(x), names=["2"])) == {"2"}
+# --- folder size, projected time, per-device peak (added with chapter 01) -------------------------
 
 
 def test_folder_bytes_adds_nested_files(tmp_path):
@@ -528,20 +454,6 @@ def test_projected_s_per_image_adds_the_missing_steps():
     assert measure.projected_s_per_image(row, steps=50) == pytest.approx(46.0 + 40 * 4.4)
     assert measure.projected_s_per_image({**row, "steps": 50}, steps=50) == 46.0
     assert measure.projected_s_per_image({**row, "ms_per_step": None}) is None
-
-
-def test_random_transformer_inputs_fit_the_transformer(tiny_path):
-    from diffusers import FluxTransformer2DModel
-
-    transformer = FluxTransformer2DModel.from_pretrained(tiny_path, subfolder="transformer", torch_dtype=torch.bfloat16)
-    inputs = measure.random_transformer_inputs(transformer.config, 128, 64, text_tokens=16, seed=3)
-    assert inputs["hidden_states"].shape == (1, 8 * 4, transformer.config.in_channels)
-    assert inputs["img_ids"].shape == (32, 3) and inputs["txt_ids"].shape == (16, 3)
-    with torch.no_grad():
-        output = transformer(**inputs)[0]
-    assert output.shape == inputs["hidden_states"].shape and torch.isfinite(output).all()
-    again = measure.random_transformer_inputs(transformer.config, 128, 64, text_tokens=16, seed=3)
-    assert torch.equal(again["encoder_hidden_states"], inputs["encoder_hidden_states"])
 
 
 def test_per_device_peak_is_none_on_a_cpu():

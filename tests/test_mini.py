@@ -45,7 +45,7 @@ def test_mini_is_a_flux_pipeline_folder_with_tiny_text_encoders(mini_path, tiny_
 
 
 def test_its_tokenizers_and_text_encoders_are_the_ones_it_was_trained_with(mini_path):
-    from quantlab import train_mini
+    from quantlab.lab import train_mini
 
     trained_with = json.loads((SHIPPED / "training.json").read_text())["text_fingerprint"]
     assert train_mini.text_fingerprint(mini_path) == trained_with
@@ -62,7 +62,7 @@ def test_it_draws_held_out_captions_as_asked_on_a_cpu(mini_path):
 
     pipe = FluxPipeline.from_pretrained(mini_path, dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
-    result = ql.measure.prompt_accuracy(pipe, models.get_model("mini").call_kwargs(), 90, batch_size=45)
+    result = ql.quality.prompt_accuracy(pipe, models.get_model("mini").call_kwargs(), 90, batch_size=45)
     assert result.captions == shapes.held_out_captions()
     assert result.accuracy >= 0.85, result.accuracy  # bf16 on a CPU; the card's figure is fp32
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -223,3 +224,83 @@ def test_component_configs_are_copies_of_the_registry():
     assert configs["transformer"]["num_attention_heads"] * configs["transformer"]["attention_head_dim"] == 256
     configs["transformer"]["num_layers"] = 99
     assert models.component_configs("tiny")["transformer"]["num_layers"] == 2
+
+
+# --- a cache that heals ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A cache of its own, so that damaging it leaves the session's tiny model alone."""
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_a_build_records_every_file_and_model_path_checks_them(own_cache):
+    path = Path(ql.model_path("tiny"))
+    manifest = json.loads((path / models.MANIFEST).read_text())
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert manifest["build_version"] == models.EMBEDDED_BUILD_VERSION and weights in manifest["files"]
+    assert manifest["files"][weights]["bytes"] == (path / weights).stat().st_size
+    assert len(manifest["files"][weights]["sha256"]) == 64
+    assert models.verify_cache(path) is None
+
+
+def test_a_truncated_cache_file_is_found_and_rebuilt(own_cache, capsys):
+    path = Path(ql.model_path("tiny"))
+    weights = path / "transformer" / "diffusion_pytorch_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # a full disk, or a copy killed half way
+    assert "transformer/diffusion_pytorch_model.safetensors is" in models.verify_cache(path)
+    assert ql.model_path("tiny") == str(path)
+    assert weights.read_bytes() == good and models.verify_cache(path) is None
+    assert "is damaged (transformer/diffusion_pytorch_model.safetensors is" in capsys.readouterr().err
+    from diffusers import FluxPipeline
+
+    FluxPipeline.from_pretrained(path)  # loads again
+
+
+def test_a_corrupt_file_of_the_same_size_and_a_missing_one_are_found(own_cache):
+    path = Path(ql.model_path("tiny"))
+    config = path / "vae" / "config.json"
+    text = config.read_text()
+    config.write_text(text.replace("silu", "gelu"))  # the same length, other bytes
+    assert models.verify_cache(path) == "vae/config.json does not hash to what its build wrote (corrupt)"
+    assert models.verify_cache(path, hashes=False) is None  # a large cache checks sizes only
+    config.unlink()
+    assert models.verify_cache(path) == "vae/config.json is missing"
+    (path / models.MANIFEST).unlink()
+    assert "manifest quantlab.json is missing" in models.verify_cache(path)
+    ql.model_path("tiny")  # rebuilt
+    assert models.verify_cache(path) is None
+
+
+def test_a_damaged_cache_of_a_gpu_model_on_a_cpu_says_how_to_rebuild(own_cache, monkeypatch):
+    path = models._embedded_path("flux-dev-shaped", 0)
+    path.mkdir(parents=True)
+    (path / models.MANIFEST).write_text(json.dumps({"files": {"model_index.json": {"bytes": 10, "sha256": None}}}))
+    with pytest.raises(models.ModelUnavailableError, match="is damaged: model_index.json is missing.*delete .* GPU"):
+        ql.model_path("flux-dev-shaped")
+
+
+def test_a_build_killed_mid_write_leaves_a_partial_that_the_next_use_removes(own_cache):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    killed = subprocess.Popen([sys.executable, "-c", "import quantlab as ql, time; "
+                               "ql.models._write_model_index = lambda folder: time.sleep(60); ql.model_path('tiny')"],
+                              env={**os.environ, "QUANTLAB_CACHE": str(own_cache)})
+    deadline = time.time() + 120
+    while not list(own_cache.glob(".*.partial-*")) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # well inside the build
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    (partial,) = own_cache.glob(".*.partial-*")
+    assert partial.name.endswith(f".partial-{killed.pid}") and partial.is_dir()
+    path = ql.model_path("tiny")
+    assert not partial.exists() and models.verify_cache(path) is None
+    assert sorted(p.name for p in own_cache.iterdir()) == [Path(path).name]

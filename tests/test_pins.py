@@ -51,7 +51,7 @@ def test_pyproject_pins_what_the_course_needs():
 
 
 def test_the_hopper_extra_is_the_pin_chapter_06_names():
-    from quantlab.speed import FA3_REQUIREMENT
+    from quantlab.recipes import FA3_REQUIREMENT
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras == {"hopper": [FA3_REQUIREMENT]} and FA3_REQUIREMENT == "fa3-fwd==0.0.3"

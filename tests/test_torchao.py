@@ -15,7 +15,7 @@ from quantlab import torchao as qt
 @pytest.fixture(scope="module")
 def fixed_inputs(tiny_pipe):
     call = {**ql.get_model("tiny").call_kwargs(), "num_inference_steps": 2}
-    inputs = ql.measure.capture_transformer_inputs(tiny_pipe, "a red circle", call)
+    inputs = ql.quality.capture_transformer_inputs(tiny_pipe, "a red circle", call)
     with torch.no_grad():
         reference = tiny_pipe.transformer(**inputs)[0]
     return inputs, reference

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from quantlab import shapes, train_mini
+from quantlab import shapes
+from quantlab.lab import train_mini
 
 
 @pytest.fixture(scope="module")

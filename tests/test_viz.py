@@ -38,13 +38,13 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def test_prompt_accuracy_grid_marks_each_picture_match_or_miss(capsys):
-    from quantlab import measure, shapes
+    from quantlab import quality, shapes
 
     scenes = shapes.split_scenes()[1][:5]
     captions = [shapes.caption(s) for s in scenes]
     drawn = [shapes.render(s, 64) for s in scenes]
     wrong = [shapes.render(scenes[0], 64)] * 5  # the first scene every time: only the first caption matches
-    results = {"right": measure.PromptAccuracy(1.0, captions, drawn), "wrong": measure.PromptAccuracy(0.2, captions, wrong)}
+    results = {"right": quality.PromptAccuracy(1.0, captions, drawn), "wrong": quality.PromptAccuracy(0.2, captions, wrong)}
     fig = viz.prompt_accuracy_grid(results, n=3, title="t")
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["right: match"] * 3 + ["wrong: match", "wrong: MISS", "wrong: MISS"]

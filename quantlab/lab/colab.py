@@ -1,6 +1,6 @@
 """Colab copies of the chapters: `make colab` writes `colab/NN_topic.ipynb` for every chapter in `notebooks/`.
 
-    python -m quantlab.colab [--out colab]
+    python -m quantlab.lab.colab [--out colab]
 
 Each copy is the chapter with a Colab preamble and a last section added, all generated here, so nobody
 edits `colab/` by hand (tests/test_colab.py fails when it is out of date):
@@ -12,8 +12,9 @@ edits `colab/` by hand (tests/test_colab.py fails when it is out of date):
 4. a Hugging Face login for the gated FLUX.1-dev, falling back to FLUX.1-schnell, which sets `FULL_MODEL`;
 5. the chapter's own cells, unchanged except the `parameters` cell, whose defaults suit a free T4
    (`T4_DEFAULTS`, and the size of the FLUX.1-dev image of step 6);
-6. "FLUX.1-dev on this T4": the chapter's low-RAM recipes from `quantlab.lowram` on `FULL_MODEL`, within
-   a free Colab's 15 GiB of GPU memory and 12 GiB of host RAM.
+6. "FLUX.1-dev on this T4": the chapter's own backend on `FULL_MODEL` within a free Colab's 15 GiB of GPU
+   memory and 11.8 GiB of host RAM: the low-RAM recipe's whole script as cells (`Recipe.code`), what it
+   downloads, and whether it fitted the simulated T4 (results/09_colab_t4_sim_flux-dev-shaped.json).
 
 The repository the badges and the install cell point at is `REPO`, and nowhere else.
 """
@@ -30,7 +31,8 @@ from pathlib import Path
 
 import nbformat
 
-from . import course
+from .. import course, env, measure, plan, recipes
+from . import t4_plan
 
 __all__ = [
     "REPO",
@@ -39,8 +41,7 @@ __all__ = [
     "TORCH_BELOW",
     "TORCH_INDEX_URL",
     "T4_DEFAULTS",
-    "T4_GPU_GIB",
-    "T4_HOST_RAM_GIB",
+    "CHAPTER_T4",
     "colab_url",
     "pinned_requirements",
     "keep_installed_torch",
@@ -76,11 +77,30 @@ TORCH_INDEX_URL = "https://download.pytorch.org/whl/cu126"
 NOT_ON_COLAB = ("jupyterlab", "ipykernel", "nbval", "papermill", "pytest")
 CHECKOUT = "/content/quantlab"
 
-# The limits of a free Colab runtime (issue 9), as the text of the copies states them: 15 GiB of GPU memory (a
-# T4) and 12 GiB of host RAM (Colab shows 12.7 GB). The cells read them from quantlab.lowram at run time
-# (T4_VRAM_GIB, COLAB_HOST_LIMIT_GIB); tests/test_colab.py checks that the two agree.
-T4_GPU_GIB = 15.0
-T4_HOST_RAM_GIB = 12.0
+# What each chapter's copy runs at its end on FLUX.1-dev, and why: the chapter's own backend wherever one of
+# its low-RAM recipes fits a T4, else the nearest that does.
+CHAPTER_T4 = {
+    "00_tour": (("nf4-encode-then-free",), "the tour's bf16 baseline needs 36 GiB of GPU memory and bf16, which a T4 "
+                "lacks; NF4 with the prompt encoded first is the same pipeline made to fit"),
+    "01_bitsandbytes": (("nf4-prequantized",), "the chapter's own backend, read pre-quantized: diffusers/FLUX.1-dev-"
+                        "bnb-4bit's NF4 transformer is a smaller download than the bf16 one it is made from"),
+    "02_gguf": (("gguf-q4_k-encode-then-free",), "the chapter's own backend: a public Q4_K file of the transformer"),
+    "03_torchao": (("torchao-int8wo-encode-then-free",), "the chapter's own backend: int8 weight-only runs on a T4 "
+                   "(the float8 configs need compute capability 8.9)"),
+    "04_quanto": (("quanto-int8-encode-then-free",), "the chapter's own backend: Quanto int8, quantized while it "
+                  "loads onto the GPU"),
+    "05_memory": (("nf4-encode-then-free",), "offloading parks the components in host RAM (17 to 38 GiB while "
+                  "generating, results/05), and fp8 layerwise casting loads the 23.8 GB transformer before it casts "
+                  "it: neither fits 11.8 GiB of host RAM. Encoding the prompt first and freeing T5 is the memory "
+                  "recipe that does"),
+    "06_speed": (("nf4-encode-then-free",), "the chapter's fp8 and bf16 recipes need compute capability 8.9 and "
+                 "8.0; a T4 (7.5) runs the NF4 pipeline in fp16"),
+    "07_compare": (("nf4-encode-then-free", "torchao-int8wo-encode-then-free"),
+                   "two backends that fit a T4 and 11.8 GiB of host RAM, side by side"),
+    "08_newer": (("nf4-encode-then-free",), "of the chapter's backends, SDNQ and ModelOpt quantize on the CPU while "
+                 "loading and BFL's fp8 needs compute capability 8.9; NF4 stands in"),
+}
+T4_RESULTS = "09_colab_t4_sim_flux-dev-shaped"
 # Defaults of the `parameters` cell on Colab. The walk-through runs on the trained mini model (its numbers
 # and pictures are the chapter's); dtypes follow the GPU (`ql.env.default_dtype`: fp16 on a T4).
 T4_DEFAULTS = {"MODEL": "mini"}
@@ -336,98 +356,103 @@ def t4_parameters(source: str) -> str:
     return "\n".join([header, *lines, *added])
 
 
+def _download_gb(recipe: recipes.Recipe) -> float:
+    """What a low-RAM recipe downloads from the Hub, in GB: the components it loads, as stored there."""
+    bf16 = plan.weights_bytes("black-forest-labs/FLUX.1-dev", "bf16")
+    stored = {**bf16}
+    if recipe.low_ram.prequantized or recipe.gguf_type:
+        stored["transformer"] = plan.weights_bytes("black-forest-labs/FLUX.1-dev", recipe)["transformer"]
+    return sum(stored.values()) / 1e9
+
+
+def t4_verdict(name: str, results: str = T4_RESULTS) -> str:
+    """One sentence: how recipe `name` did on the simulated T4 (its latest row in `results`), or that it has no row."""
+    path = measure.results_dir() / f"{results}.json"
+    rows = [r for r in measure.load_rows(path) if r.recipe == name and not r.extra.get("superseded")] if path.exists() else []
+    if not rows:
+        verdict = t4_plan.plan_colab("flux-dev-shaped", name)
+        return (f"not measured on the simulated T4 yet; the planner predicts {verdict.peak_gpu_gib:.1f} GiB of GPU "
+                f"memory and {verdict.peak_host_anon_gib:.1f} GiB of host RAM: "
+                + ("it should fit." if verdict.fits else "it should not fit."))
+    row = rows[-1]
+    extra = row.extra
+    size = f"{row.height}×{row.width}, {row.steps} steps, {row.date}"
+    figures = (f"peak GPU memory {row.peak_gpu_mem_gib:.1f} of {extra.get('vram_cap_gib') or env.COLAB_T4_GPU_GIB:g} "
+               f"GiB, host RAM {extra['peak_host_anon_gib']:.1f} GiB anonymous (VmRSS {row.peak_host_rss_gib:.1f})"
+               if row.peak_gpu_mem_gib is not None and extra.get("peak_host_anon_gib") is not None else "")
+    if extra.get("passed"):
+        return f"fitted the simulated T4 ({size}): {figures}."
+    return f"did not fit the simulated T4 ({size}): {extra.get('error') or figures}."[:400]
+
+
 def _t4_cells(stem: str, parameter_names: set[str]) -> list:
+    names, reason = CHAPTER_T4.get(stem, CHAPTER_T4["00_tour"])
     prompt = "PROMPT" if "PROMPT" in parameter_names else json.dumps(DEFAULT_PROMPT)
     seed = "SEED" if "SEED" in parameter_names else "0"
-    return [
+    lines = []
+    for name in names:
+        recipe = recipes.get_recipe(name)
+        lines.append(f"- `{name}`: {recipe.description}. It downloads about {_download_gb(recipe):.1f} GB, and "
+                     f"{t4_verdict(name)}")
+    cells = [
         _cell("markdown", f"""
 ## FLUX.1-dev on this T4
 
-The walk-through above ran on the mini model. Here this chapter's recipe runs on the real weights
+The walk-through above ran on the mini model. Here this chapter's backend runs on the real weights
 (`FULL_MODEL`: FLUX.1-dev, or FLUX.1-schnell without a login) within a free Colab runtime:
-{T4_GPU_GIB:g} GiB of GPU memory and {T4_HOST_RAM_GIB:g} GiB of host RAM, in fp16. Loading is what usually
-crashes FLUX on Colab: the host RAM runs out before anything reaches the GPU. The recipes of `ql.lowram`
-avoid it: each component goes straight to the GPU, the transformer is quantized while it loads, and the
-prompt is encoded before the transformer arrives, so T5 can be freed. First the code of each recipe this
-chapter runs, as you would type it:
-""", "t4-md"),
-        _cell("code", f"""
-import quantlab.lowram  # noqa: F401  (makes ql.lowram available)
+{env.COLAB_T4_GPU_GIB:g} GiB of GPU memory and {env.COLAB_HOST_RAM_GIB:g} GiB of host RAM, in fp16. Loading is what
+usually crashes FLUX on Colab: the host RAM runs out before anything reaches the GPU. So every weight goes
+straight to the GPU (`device_map="cuda"`), the transformer is quantized while it loads, and the prompt is
+encoded first, so that T5 is freed before the transformer arrives. Why this recipe here: {reason}.
 
-T4_GPU_GIB = ql.lowram.T4_VRAM_GIB  # a T4, as Colab shows it
-T4_HOST_RAM_GIB = ql.lowram.COLAB_HOST_LIMIT_GIB  # of a free runtime's 12.7 GB
-T4_PROMPT = {prompt}
-T4_CHAPTER = ql.lowram.CHAPTER_RECIPES["{stem}"]
-T4_RECIPES = T4_CHAPTER.recipes
-print(f"This chapter runs {{', '.join(T4_RECIPES)}}: {{T4_CHAPTER.reason}}.\\n")
-for name in T4_RECIPES:
-    print(f"# ---- {{name}} ----\\n{{ql.lowram.COLAB_RECIPES[name].code}}")
-""", "t4-recipes"),
-        _cell("markdown", """
-Before anything is downloaded: is there a CUDA GPU and a model? Can each recipe run here in fp16
-(`ql.lowram.check_colab_recipe`), and does the image size asked for (`FULL_HEIGHT` × `FULL_WIDTH`) fit what
-the recipe was measured to fit on a simulated T4? `ql.lowram.t4_estimate` adds what a T4 would roughly take
-per step, an estimate from FLOPs and memory bandwidth, not a measurement.
-""", "t4-plan-md"),
+{chr(10).join(lines)}
+
+The cells below are the recipe's whole script, one stage a cell, as you would paste it into your own file.
+""", "t4-md"),
         _cell("code", """
+T4_READY = torch.cuda.is_available() and FULL_MODEL is not None
 if not torch.cuda.is_available():
-    T4_SKIP = "this runtime has no CUDA GPU (Runtime > Change runtime type > T4 GPU)"
+    print("Skipped: this runtime has no CUDA GPU (Runtime > Change runtime type > T4 GPU).")
 elif FULL_MODEL is None:
-    T4_SKIP = "neither FLUX.1-dev nor FLUX.1-schnell can be downloaded here (see the login cell at the top)"
+    print("Skipped: neither FLUX.1-dev nor FLUX.1-schnell can be downloaded here (see the login cell at the top).")
 else:
-    T4_SKIP = None
-T4_RUN = []  # the recipes that run here
-if T4_SKIP:
-    print(f"Skipped: {T4_SKIP}.")
-else:
-    gpu = ql.env.device_info("cuda")
-    host_total_gib, host_available_gib = ql.env.host_memory_gib()
-    print(f"{gpu.label}: {gpu.free_memory_gib:.1f} of {gpu.total_memory_gib:.1f} GiB free; host RAM "
-          f"{host_available_gib:.1f} of {host_total_gib:.1f} GiB available\\n")
-    for name in T4_RECIPES:
-        try:
-            recipe = ql.lowram.check_colab_recipe(name, device="cuda", dtype=torch.float16, model=FULL_MODEL)
-        except ql.UnsupportedHardwareError as error:
-            print(f"{name}: does not run here. {error}")
-            continue
-        T4_RUN.append(name)
-        size = "fits" if max(FULL_HEIGHT, FULL_WIDTH) <= recipe.t4_size else "is larger than that: expect it not to fit"
-        print(f"{name}: runs here. Measured to fit a T4 up to {recipe.t4_size}×{recipe.t4_size}; "
-              f"{FULL_HEIGHT}×{FULL_WIDTH} {size}.")
-        print(f"  {ql.lowram.t4_estimate(name, height=FULL_HEIGHT, width=FULL_WIDTH)}")
-""", "t4-plan"),
-        _cell("markdown", """
-Now one image per recipe, with the peaks measured while loading and generating: GPU memory (reserved by
-PyTorch, what the card must hold), host RSS (every resident page, including the file-backed pages of the
-memory-mapped safetensors, which the kernel can drop) and anonymous host memory (what it cannot drop: the
-figure that decides whether a Colab runtime survives).
-""", "t4-run-md"),
-        _cell("code", f"""
-t4_results = {{}}
-if T4_RUN:
-    steps = FULL_STEPS or min(28, ql.get_model(FULL_MODEL).steps)  # 28 for FLUX.1-dev, 4 for schnell
-    for name in T4_RUN:
-        result = ql.lowram.generate(FULL_MODEL, name, T4_PROMPT, height=FULL_HEIGHT, width=FULL_WIDTH, steps=steps,
-                                    seed={seed})
-        t4_results[name] = result
-        print(f"{{name}}: loaded in {{result.load_s:.0f}} s, {{result.s_per_step:.2f}} s per step; peak GPU "
-              f"{{result.peak_gpu_reserved_gib:.1f}} of {{T4_GPU_GIB:g}} GiB, peak host RSS "
-              f"{{result.peak_host_rss_gib:.1f}} GiB (anonymous {{result.peak_host_anon_gib:.1f}}) of "
-              f"{{T4_HOST_RAM_GIB:g}} GiB")
-    ql.viz.image_grid([r.image for r in t4_results.values()], list(t4_results),
-                      title=f"{{FULL_MODEL}}, {{steps}} steps")
-""", "t4-run"),
-        _cell("code", """
-for name, result in t4_results.items():
-    assert result.peak_gpu_reserved_gib <= T4_GPU_GIB, f"{name}: {result.peak_gpu_reserved_gib:.1f} GiB of GPU memory"
-    assert result.peak_host_anon_gib <= T4_HOST_RAM_GIB, f"{name}: {result.peak_host_anon_gib:.1f} GiB of host RAM"
-    assert result.s_per_step > 0 and result.image.size == (FULL_WIDTH, FULL_HEIGHT)
-if t4_results:
-    print(f"{len(t4_results)} recipe(s) within the T4's limits.")
-else:
-    print(f"Not run: {T4_SKIP or 'no recipe runs here'}.")
-""", "t4-check"),
+    print(ql.env.device_info("cuda").label, "with", FULL_MODEL)
+""", "t4-check-gpu"),
     ]
+    for name in names:
+        recipe = recipes.get_recipe(name)
+        settings = {**dict(recipe.script_settings)}
+        settings_source = "\n".join(f"{key} = {value!r}" for key, value in settings.items())
+        cells.append(_cell("markdown", f"### `{name}`\n\nIts settings: this runtime's model, size and steps, in fp16.",
+                           f"t4-{name}-md"))
+        cells.append(_cell("code", f"""
+assert T4_READY, "the cells of this section need a CUDA GPU and a model to download; see the cell above"
+MODEL_ID = FULL_MODEL
+PROMPT = {prompt}
+HEIGHT, WIDTH, SEED = FULL_HEIGHT, FULL_WIDTH, {seed}
+STEPS = FULL_STEPS or min(28, ql.get_model(FULL_MODEL).steps)  # 28 for FLUX.1-dev, 4 for schnell
+GUIDANCE = ql.get_model(FULL_MODEL).guidance_scale
+DEVICE, DTYPE = "cuda", torch.float16  # a T4 computes in fp16: no bf16, no fp8
+{settings_source}
+torch.cuda.reset_peak_memory_stats()
+""", f"t4-{name}-settings"))
+        for part in recipe.script:
+            cells.append(_cell("code", (recipes.SCRIPTS_DIR / part).read_text(), f"t4-{name}-{part}"))
+        cells.append(_cell("code", f"""
+host_anon_gib = ql.measure.read_status_kib("RssAnon").get("RssAnon", 0) / 2**20
+print(f"{name}: peak GPU memory {{torch.cuda.max_memory_reserved() / 2**30:.1f}} of {env.COLAB_T4_GPU_GIB:g} GiB; "
+      f"host RAM now {{host_anon_gib:.1f}} GiB anonymous, of {env.COLAB_HOST_RAM_GIB:g}")
+assert torch.cuda.max_memory_reserved() / 2**30 <= {env.COLAB_T4_GPU_GIB:g}
+image
+""", f"t4-{name}-result"))
+        cells.append(_cell("code", """
+import gc
+
+del pipe  # the next recipe starts from an empty GPU
+gc.collect()
+torch.cuda.empty_cache()
+""", f"t4-{name}-free"))
+    return cells
 
 
 def colab_notebook(path: str | Path, pyproject: str | Path = PYPROJECT):
@@ -463,7 +488,7 @@ def readme(paths: list[Path]) -> str:
     rows = "\n".join(f"| [`{p.name}`](../notebooks/{p.name}) | {_title(p)} | {_badge(p.name)} |" for p in paths)
     return f"""# colab/
 
-Colab copies of the chapters in `notebooks/`, generated by `make colab` (`python -m quantlab.colab`).
+Colab copies of the chapters in `notebooks/`, generated by `make colab` (`python -m quantlab.lab.colab`).
 Do not edit them: edit the chapter, then run `make colab`. `tests/test_colab.py` fails when a copy is out of date.
 
 | chapter | topic | open |
@@ -488,16 +513,17 @@ Do not edit them: edit the chapter, then run `make colab`. `tests/test_colab.py`
 5. The chapter, unchanged except its `parameters` cell: `MODEL` defaults to `"mini"` (still read from
    `QUANTLAB_MODEL`, so papermill works), dtypes follow the GPU (fp16 on a T4), and `FULL_HEIGHT`,
    `FULL_WIDTH` (512) and `FULL_STEPS` (0: 28 for FLUX.1-dev, 4 for schnell) set the last section's image.
-6. "FLUX.1-dev on this T4": the chapter's recipes from `ql.lowram.CHAPTER_RECIPES` and why they were
-   chosen, their code, whether each runs here and fits the size asked for (`check_colab_recipe`, and the
-   size each was measured to fit on a simulated T4), a T4's estimated time per step (`t4_estimate`), and
-   one image each on `FULL_MODEL`, with the peak GPU memory and host RAM measured against a free T4's
-   {T4_GPU_GIB:g} GiB and {T4_HOST_RAM_GIB:g} GiB. Without a CUDA GPU it is skipped, with a message.
+6. "FLUX.1-dev on this T4": the chapter's own backend on `FULL_MODEL` (`CHAPTER_T4` in
+   `quantlab/lab/colab.py` says which recipe and why): what it downloads, whether it fitted the simulated T4
+   (results/09_colab_t4_sim_flux-dev-shaped.json), then its whole script as cells, one stage a cell, the
+   same code `ql.get_recipe(name).code()` returns; the peak GPU memory and host RAM are printed against a
+   free T4's {env.COLAB_T4_GPU_GIB:g} GiB and {env.COLAB_HOST_RAM_GIB:g} GiB. Without a CUDA GPU the section stops
+   at its first cell, saying why.
 
 ## The repository
 
 The badges, these links and the install cell point at `github.com/{REPO}`,
-branch `{BRANCH}`: the constants `REPO` and `BRANCH` in `quantlab/colab.py`. When the repository
+branch `{BRANCH}`: the constants `REPO` and `BRANCH` in `quantlab/lab/colab.py`. When the repository
 moves, change them there and run `make colab`.
 """
 

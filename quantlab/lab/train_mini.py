@@ -1,6 +1,6 @@
 """Train the mini FLUX on coloured shapes, in steps of a few minutes that resume where they stopped.
 
-    python -m quantlab.train_mini --out DIR [--minutes 9] [--seed 0]
+    python -m quantlab.lab.train_mini --out DIR [--minutes 9] [--seed 0]
 
 Stage 1 trains an `AutoencoderKL` to reconstruct 64×64 shape images (`ql.shapes`). Stage 2 trains a
 `FluxTransformer2DModel` with rectified flow (the objective FLUX uses) on the autoencoder's latents,
@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import models, shapes
+from .. import models, shapes
+from ..files import atomic_output
 
 __all__ = ["MINI_TRANSFORMER", "MINI_VAE", "MINI_SCHEDULER", "TEXT_TOKENS", "train", "evaluate", "ship", "model_card", "text_fingerprint",
            "main"]
@@ -77,15 +78,16 @@ class _Trainer:
                  "vae_step": self.vae_step, "step": self.step, "rng": self.rng.bit_generator.state,
                  "torch_rng": torch.get_rng_state(), "vae_config": dict(self.vae.config),
                  "text_encoders": self.text_encoders}
-        partial = self.out / "checkpoint.pt.partial"
-        torch.save(state, partial)
-        partial.replace(self.out / "checkpoint.pt")  # a run cut off while saving keeps the previous checkpoint
+        with atomic_output(self.out / "checkpoint.pt") as partial:  # a run cut off while saving keeps the last one
+            torch.save(state, partial)
 
     def resume(self) -> bool:
         path = self.out / "checkpoint.pt"
         if not path.exists():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # tensors, numbers, strings and containers of them only: weights_only=True refuses anything that would
+        # run code while loading (chapter 03 shows why that matters)
+        state = torch.load(path, map_location=self.device, weights_only=True)
         self.vae.load_state_dict(state["vae"])
         self.vae.register_to_config(scaling_factor=state["vae_config"]["scaling_factor"],
                                     shift_factor=state["vae_config"]["shift_factor"])
@@ -314,7 +316,7 @@ its caption, for example "a small red circle at the top left on a blue backgroun
 with seed 0 (`shapes.split_scenes`), are held out of training.
 
 ## Training
-`python -m quantlab.train_mini --out DIR --seed {s['seed']} --vae-steps {s['vae_steps']} --steps {s['steps']} --batch {s['batch']}`,
+`python -m quantlab.lab.train_mini --out DIR --seed {s['seed']} --vae-steps {s['vae_steps']} --steps {s['steps']} --batch {s['batch']}`,
 on {s.get('device', 'a GPU')}, in {s.get('train_minutes', '?')} minutes.
 1. The autoencoder (`AutoencoderKL`, three levels of 32, 64 and 64 channels, 4 latent channels:
    64×64 pixels to 16×16 latents) trained {s['vae_steps']} steps of batch {s['batch']} on reconstruction

@@ -18,8 +18,8 @@ returns it, then to fp8 after dividing by the scale and clipping to ±448. So th
 unfused code gives, up to the order of float32 additions; each `*_reference` function is that unfused code.
 
 Triton compiles them for CUDA GPUs of compute capability 8.9+ (fp8); where Triton or such a GPU is missing,
-`triton_problem()` says why. `FlashAttention3Processor(fp8=True, rope_kernel=True)` in `quantlab.speed`
-calls the first; `speed.use_single_block_kernels` installs the other two.
+`triton_problem()` says why. `FlashAttention3Processor(fp8=True, rope_kernel=True)` in `quantlab.lab.hand_written`
+calls the first; `hand_written.use_single_block_kernels` installs the other two.
 """
 
 from __future__ import annotations
