@@ -35,7 +35,7 @@ __all__ = [
     "pareto_front",
     "full_scale_table",
     "beside_blog",
-"Recommendation",
+    "Recommendation",
     "Advice",
     "recommend",
     "SpotTheQuantized",
@@ -56,13 +56,25 @@ BLOG_PROMPTS = {
 }
 
 
-
 def default_prompts(model: str | None = None) -> dict[str, str]:
-    """The comparison's prompts: three held-out shape captions for the mini model, which draws only those, and
-    the blog's three style prompts for every other model."""
+    """The comparison's prompts, {label: prompt}: three held-out shape captions for the mini model, which draws only
+    those (labelled by what they ask for, "red square, bottom right"), and the blog's three style prompts for every
+    other model."""
     if models.get_model(model).trained:
-        return {f"shape {i + 1}": caption for i, caption in enumerate(shapes.held_out_captions(3))}
+        captions = shapes.held_out_captions(3)
+        scenes = [shapes.parse_caption(caption) for caption in captions]
+        return {f"{s.colour} {s.shape}, {s.position}": caption for s, caption in zip(scenes, captions)}
     return dict(BLOG_PROMPTS)
+
+
+def _shape_captions(prompts: Sequence[str]) -> bool:
+    """Whether every prompt is a caption the shape detector can check."""
+    try:
+        for prompt in prompts:
+            shapes.parse_caption(prompt)
+    except ValueError:
+        return False
+    return True
 
 
 # The blog's H100 tables (FLUX.1-dev, 1024x1024, 50 steps): our recipe name -> (the blog's row,
@@ -196,8 +208,9 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
     or a file that one is loaded from (and saved to after a bf16 run, when it does not exist yet), so
     that recipes run in separate processes share one. `on_row(row)` is called as each recipe ends.
     With `errors=False` nothing is compared with bf16 (no reference needed): memory and time only.
-    With `accuracy_captions=n` each row also has the prompt accuracy on `n` held-out shape captions.
-    `prompts` defaults to `default_prompts(model)`.
+    With `accuracy_captions=n` each row also has the prompt accuracy on `n` held-out shape captions; without, on
+    a trained model whose prompts are all shape captions (the mini model's default), the prompts' own images are
+    scored (`accuracy[recipe]` holds them). `prompts` defaults to `default_prompts(model)`.
     """
     spec = models.get_model(model)
     prompts = prompts or default_prompts(spec.name)
@@ -222,6 +235,7 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
     call = spec.call_kwargs()
     if steps:
         call["num_inference_steps"] = steps
+    score_prompts = not accuracy_captions and bool(spec.trained) and _shape_captions(list(prompts.values()))
 
     rows, images, accuracy = [], {}, {}
     for name in recipe_names:
@@ -235,7 +249,7 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
             spec.name, name, prompt=list(prompts.values()), steps=steps, seed=seed, warmup=1,
             warmup_steps=warmup_steps, repeats=len(prompts), device=device, keep_pipeline=True,
             reference_image=None if ref is None else list(ref.images),
-            notes=f"the {len(prompts)} prompts {', '.join(prompts)}, seed {seed}", accuracy_captions=accuracy_captions,
+            notes=f"the {len(prompts)} prompts {'; '.join(prompts)}, seed {seed}", accuracy_captions=accuracy_captions,
             **({"gguf_file": gguf_file} if gguf_file else {}),
         )
         if ref is None and errors:  # this is the bf16 run
@@ -253,6 +267,11 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
             run.row.extra["gguf_write_s"] = write_report.seconds
         rows.append(run.row)
         images[name] = run.images
+        if run.accuracy is None and score_prompts:  # the prompts are held-out shape captions: score their images
+            captions = list(prompts.values())
+            run.accuracy = quality.PromptAccuracy(
+                shapes.prompt_accuracy([np.asarray(image) for image in run.images], captions), captions, run.images)
+            run.row.prompt_accuracy = run.accuracy.accuracy
         if run.accuracy is not None:
             accuracy[name] = run.accuracy
         del run
@@ -385,7 +404,8 @@ RECOMMENDATION_RESULTS = (FULL_SCALE_RESULTS, "05_memory_flux-dev-shaped", "02_g
 
 @dataclass
 class Recommendation:
-    """One recommended recipe, why, its measured figures (`s_per_image` at 50 steps), and its whole script."""
+    """One recommended recipe, why, its measured figures (`s_per_image` per image at the script's 28 steps), and its
+    whole script."""
 
     recipe: str
     reason: str
@@ -459,19 +479,23 @@ def _host_gib(row: measure.Measurement, recipe: recipes.Recipe) -> tuple[float, 
     return host, how
 
 
-def _seconds(row: measure.Measurement, recipe: recipes.Recipe) -> tuple[float | None, str]:
-    """Seconds per 50-step image and how they were found; for a whole T4 script, per image of its own steps."""
+def _seconds(row: measure.Measurement, recipe: recipes.Recipe, device: env.DeviceInfo) -> tuple[float | None, str]:
+    """Seconds per image at the whole script's steps (`SCRIPT_SETTINGS`, 28) and how they were found: a row measured
+    at other steps is projected with its median step time; a whole T4 script on a GPU without bf16 (a T4's kind)
+    takes the T4 estimate, and on any other GPU the step time measured on the simulated T4's GPU."""
+    steps = int(recipes.SCRIPT_SETTINGS["STEPS"])
     if recipe.low_ram is not None:
-        steps = int(recipes.SCRIPT_SETTINGS["STEPS"])
         estimate = row.extra.get("t4_estimate_s_per_step")
-        if estimate is not None:
+        if estimate is not None and not device.bf16:
             return estimate * steps, f"{estimate * steps:.0f} s per {steps}-step image on a T4 (estimated from FLOPs)"
-        return row.ms_per_step * steps / 1e3, f"{row.ms_per_step * steps / 1e3:.0f} s per {steps}-step image on {row.device}"
-    if row.steps == 50 and row.s_per_image is not None:
-        return row.s_per_image, f"{row.s_per_image:.1f} s per 50-step image"
-    seconds = measure.projected_s_per_image(row, steps=50)
+        seconds = row.ms_per_step * steps / 1e3
+        return seconds, f"{seconds:.1f} s per {steps}-step image (from {row.ms_per_step:.0f} ms per step)"
+    if row.steps == steps and row.s_per_image is not None:
+        return row.s_per_image, f"{row.s_per_image:.1f} s per {steps}-step image"
+    seconds = measure.projected_s_per_image(row, steps=steps)
     if seconds is not None:
-        return seconds, f"{seconds:.0f} s per 50-step image (projected from {row.steps} steps)"
+        return seconds, (f"{seconds:.1f} s per {steps}-step image (projected from {row.s_per_image:.1f} s at "
+                         f"{row.steps} steps)")
     return row.s_per_image, f"{row.s_per_image:.1f} s per {row.steps}-step image"
 
 
@@ -486,7 +510,8 @@ def recommend(gpu_mem_gib: float | None, host_ram_gib: float, compute_capability
     runtime: `env.COLAB_HOST_RAM_GIB`). A recipe fits when its measured peak GPU memory plus `margin_gib` fits
     the GPU, its host peak fits the RAM (for a whole T4 script, the anonymous memory that the simulated T4
     measured), and the GPU has what it needs. Then `priority` orders them: "memory" (lowest peak), "speed"
-    (fewest seconds per image) or "quality" (highest SQNR of the transformer output against bf16). Where two
+    (fewest seconds per image at the scripts' 28 steps, `_seconds`) or "quality" (highest SQNR of the transformer
+    output against bf16). Where two
     files hold a recipe, the first in `results` wins. With `scripted_only` (the default) only recipes with a
     whole script count (chapter 07).
     """
@@ -521,11 +546,12 @@ def recommend(gpu_mem_gib: float | None, host_ram_gib: float, compute_capability
             cannot_run[row.recipe] = (f"its host RAM peaked at {host:.1f} GiB on the GPU machine; this one has "
                                       f"{host_ram_gib:g}")
             continue
-        seconds, timing = _seconds(row, recipe)
+        seconds, timing = _seconds(row, recipe, device)
         fitting.append((row, recipe, host, host_how, source, seconds, timing))
     if not device.bf16 and fitting:
         notes.append(f"{device.name} has no bf16: load in float16 (dtype=torch.float16), as the scripts below do. "
-                     "Memory is the same; the times were measured on an H100 and will be longer.")
+                     "Memory is the same; times measured on an H100 will be longer here (a low-RAM script's time "
+                     "is already a T4's, estimated).")
     key = {
         "memory": lambda item: item[0].peak_gpu_mem_gib,
         "speed": lambda item: item[5] if item[5] is not None else np.inf,
@@ -538,8 +564,10 @@ def recommend(gpu_mem_gib: float | None, host_ram_gib: float, compute_capability
         sqnr_text = "SQNR not measured" if sqnr is None else (
             "identical to bf16" if np.isinf(sqnr) else f"transformer SQNR {sqnr:.1f} dB against bf16")
         host_text = f"host RAM {host:.1f} of {host_ram_gib:g} GiB" + (f" ({host_how})" if host_how else "")
-        reason = (f"peak {row.peak_gpu_mem_gib:.1f} GiB of {gpu_mem_gib:g} GiB GPU, {host_text}, {timing} on "
-                  f"{row.device}, {sqnr_text} [results/{source}.json]")
+        cap = row.extra.get("vram_cap_gib")
+        where = f"measured on {row.device}" + (f" capped at {cap:g} GiB (a simulated T4)" if cap else "")
+        reason = (f"peak {row.peak_gpu_mem_gib:.1f} GiB of {gpu_mem_gib:g} GiB GPU, {host_text}, {timing}; {where}, "
+                  f"{sqnr_text} [results/{source}.json]")
         code = recipe.code(**({} if device.bf16 or recipe.low_ram else {"DTYPE": "float16"})) if recipe.script else None
         chosen.append(Recommendation(row.recipe, reason, row.peak_gpu_mem_gib, host, seconds, sqnr, code))
     return Advice(priority, chosen, cannot_run, notes)

@@ -39,6 +39,8 @@ __all__ = [
     "report",
     "KNOWN_IMPORT_NOTICES",
     "quiet_import_notices",
+    "MODELOPT_PIN",
+    "modelopt_problem",
 ]
 
 GIB = 1024**3  # the course writes GiB wherever it means 1024**3 bytes, as torch's memory counters do
@@ -266,6 +268,7 @@ class Needs:
     cuda: bool = False
     min_cc: tuple[int, int] | None = None
     below_cc: tuple[int, int] | None = None
+    not_major: tuple[int, ...] = ()  # compute capability majors refused (Nunchaku Lite: 9, Hopper)
     modules: tuple[tuple[str, str], ...] = ()  # (module to import, pip requirement that provides it)
     software: object = None  # a callable () -> str | None: why the installed software cannot, or None
 
@@ -291,13 +294,17 @@ def check_hardware(name: str, needs: Iterable[Needs], device: DeviceInfo | None 
     device = device or device_info()
     cc = device.compute_capability
     for need in needs:
-        if (need.cuda or need.min_cc or need.below_cc) and device.kind != "cuda":
+        if (need.cuda or need.min_cc or need.below_cc or need.not_major) and device.kind != "cuda":
             raise UnsupportedHardwareError(
                 f"{name!r} needs a CUDA GPU ({need.why}), and this device is {device.label}. Instead: {need.instead}.")
         if need.min_cc and cc is not None and cc < need.min_cc:
             raise UnsupportedHardwareError(
                 f"{name!r} needs compute capability {need.min_cc[0]}.{need.min_cc[1]}+ ({need.why}); {device.label} has "
                 f"{cc[0]}.{cc[1]}. Instead: {need.instead}.")
+        if cc is not None and cc[0] in need.not_major:
+            raise UnsupportedHardwareError(
+                f"{name!r} does not run on compute capability {cc[0]}.x ({need.why}), and {device.label} is one. "
+                f"Instead: {need.instead}.")
         if need.below_cc and cc is not None and cc >= need.below_cc:
             raise UnsupportedHardwareError(
                 f"{name!r} needs a GPU of compute capability below {need.below_cc[0]}.{need.below_cc[1]} ({need.why}), "
@@ -317,6 +324,39 @@ def check_hardware(name: str, needs: Iterable[Needs], device: DeviceInfo | None 
         raise UnsupportedHardwareError(
             f"bf16 needs compute capability 8.0+ (Ampere or newer), and {device.label} lacks it. "
             "Load in float16 instead (dtype=torch.float16), which is the default on this GPU.")
+
+
+MODELOPT_PIN = "nvidia-modelopt==0.37.0"  # the newest that diffusers 0.42.1 drives (chapter 08)
+
+
+def modelopt_problem() -> str | None:
+    """Why the installed nvidia-modelopt cannot quantize through diffusers' NVIDIAModelOptConfig, or None.
+
+    Runs diffusers' own steps on one 16×16 layer (under a second): 0.44.0 and newer fail in the config
+    (`'list' object is not a mapping`); 0.39.0 to 0.43.0 leave the weights unquantized, and the first forward fails.
+    """
+    if importlib.util.find_spec("modelopt") is None:
+        return f"nvidia-modelopt is not installed here (pip install {MODELOPT_PIN})"
+    import copy
+
+    import modelopt
+    import modelopt.torch.opt as mto
+    import modelopt.torch.quantization as mtq
+    from diffusers import NVIDIAModelOptConfig
+
+    where = f"nvidia-modelopt {modelopt.__version__} is installed, and diffusers 0.42.1 drives {MODELOPT_PIN}"
+    try:
+        config = NVIDIAModelOptConfig(quant_type="FP8").modelopt_config
+        layer = torch.nn.Sequential(torch.nn.Linear(16, 16, dtype=torch.bfloat16))
+        mto.apply_mode(layer, mode=[("quantize", copy.deepcopy(config))])  # what diffusers does before loading,
+        mtq.calibrate(layer[0], config["algorithm"], None)  # and to each Linear as it loads
+        mtq.compress(layer[0])
+    except (TypeError, ValueError, AssertionError) as error:
+        return f"{where}: its config fails ({type(error).__name__}: {error})"
+    if layer[0]._parameters["weight"].dtype != torch.float8_e4m3fn:
+        return f"{where}: the weights stay unquantized, and the first forward would fail"
+    return None
+
 
 
 # --- notices the libraries print when imported --------------------------------------------------------------

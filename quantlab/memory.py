@@ -1,9 +1,10 @@
 """Fitting a big model into a small GPU (chapter 05): what layerwise casting casts, where offloading
 and `device_map` put each component, and which measured recipe has the smallest footprint.
 
-The chapter calls diffusers itself (`enable_layerwise_casting`, `enable_model_cpu_offload`,
-`enable_sequential_cpu_offload`, `enable_group_offload`, `device_map="balanced"`); these helpers
-explain and compare what those calls did.
+The chapter calls diffusers itself, each in a cell of its own: `enable_layerwise_casting` (its whole
+recipe) and `apply_layerwise_casting`, `enable_model_cpu_offload`, `enable_sequential_cpu_offload`,
+`enable_group_offload` (block and leaf level, with and without a stream) and `device_map="balanced"`.
+These helpers explain and compare what those calls did.
 """
 
 from __future__ import annotations
@@ -125,7 +126,11 @@ def lowest_peak(frame, peak: str = "peak_gpu_mem_gib", time: str = "s_per_image"
 
 
 def fastest_within(frame, peak_gib: float, peak: str = "peak_gpu_mem_gib", time: str = "s_per_image"):
-    """The fastest row of `frame` whose peak GPU memory is at most `peak_gib`, or None if none fits."""
+    """The fastest row of `frame` whose peak GPU memory is at most `peak_gib`, or None if none fits.
+
+    The peak is compared with `peak_gib` as it is: nothing is subtracted for the CUDA context or a display,
+    which take a few hundred MiB of a real card. Pass a smaller `peak_gib` to leave that margin.
+    """
     require_columns(frame, peak, time)
     fits = frame[frame[peak].notna() & (frame[peak] <= peak_gib)]
     return None if fits.empty else fits.sort_values([time, peak]).iloc[0]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import env, gguf, measure, models, quality, speed
+from . import env, gguf, measure, models, newer, quality, speed
 from .env import UnsupportedHardwareError
 from .recipes import OFFLOAD_MODES, Recipe, get_recipe
 
@@ -47,10 +47,12 @@ def place_pipeline(pipe, device: str, offload: str | None = None):
 
 
 def load_pipeline(model: str | None = None, recipe: str | Recipe = "bf16", *, device: str | None = None,
-                  dtype: torch.dtype | None = None, gguf_file: str | Path | None = None, seed: int = 0):
+                  dtype: torch.dtype | None = None, gguf_file: str | Path | None = None,
+                  checkpoint: str | Path | None = None, seed: int = 0):
     """Load a `FluxPipeline` for `model` with `recipe`, placed on `device` (its speed-ups are `speed.apply_speedups`').
 
-    Every check (model name, recipe name, hardware, GGUF file, gated access, network) happens before
+    A GGUF recipe reads `gguf_file`; a BFL or pre-quantized recipe (chapter 08) reads `checkpoint` (a file, or a
+    saved folder). Every check (model name, recipe name, hardware, the file, gated access, network) happens before
     any weight is downloaded or loaded.
     """
     from diffusers import FluxPipeline, FluxTransformer2DModel
@@ -77,6 +79,13 @@ def load_pipeline(model: str | None = None, recipe: str | Recipe = "bf16", *, de
                          ".gguf>. Chapter 02 writes one from any FluxTransformer2DModel.")
     if recipe.gguf_type:
         gguf_info = gguf.inspect_gguf(gguf_file)  # missing, truncated or corrupt: fail before any loading
+    if recipe.checkpoint and checkpoint is None:
+        raise ValueError(f"Recipe {recipe.name!r} reads a pre-quantized checkpoint: pass checkpoint=<its "
+                         f"{'file' if recipe.checkpoint == 'bfl' else 'folder'}>. Chapter 08 writes one.")
+    if recipe.checkpoint == "bfl":
+        newer.check_bfl_file(checkpoint)  # truncated, or without its scales: refused before loading
+    elif recipe.checkpoint:
+        newer.check_prequantized(checkpoint)  # the package that loads it: named before loading
     path = models.model_path(spec.name, seed=seed)
 
     load_kwargs = {}
@@ -89,6 +98,13 @@ def load_pipeline(model: str | None = None, recipe: str | Recipe = "bf16", *, de
         load_kwargs["transformer"] = FluxTransformer2DModel.from_single_file(
             str(gguf_file), quantization_config=recipe.gguf_config(dtype), config=path, subfolder="transformer",
             dtype=dtype)
+    if recipe.checkpoint == "bfl":
+        load_kwargs["transformer"] = FluxTransformer2DModel.from_single_file(
+            str(checkpoint), quantization_config=recipe.transformer(dtype), config=path, subfolder="transformer",
+            dtype=dtype)
+    elif recipe.checkpoint:
+        load_kwargs["transformer"] = FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer",
+                                                                           dtype=dtype)
     placed_while_loading = recipe.device_map is not None or (
         recipe.backend == "torchao" and recipe.offload is None and info.kind == "cuda")
     if recipe.device_map is not None:

@@ -5,13 +5,9 @@ a meta model (no weights): Linear weights at the recipe's bits plus its scales, 
 `predict_peak_gpu_gib` adds what is on the GPU at once (everything, the largest component with model
 offload, or one layer with sequential offload) and the activations of generating, whose sizes were
 measured once on a bf16 run at 1024×1024 (`ACTIVATIONS_1024_GIB`) and scale with the pixel count.
-`plan` says whether a recipe fits a GPU, and which recipes would.
-
-For the low-RAM recipes (whole scripts for a free Colab T4: fp16, 15 GiB, about 12 GiB of host RAM),
-`predict_colab_peak_gpu_gib` gives the allocated peak of each stage, `predict_peak_host_gib` the host RAM
-(RssAnon, and VmRSS, which also counts the checkpoint pages a loader maps), and `plan_colab` the verdict;
-their constants were measured once on the simulated T4 (results/09_colab_t4_sim_flux-dev-shaped.json).
-`t4_estimate` says roughly how long a T4 takes per step. Chapter 07 uses every function here.
+`plan` says whether a recipe fits a GPU, and which recipes would. Chapter 07 uses `plan`, `weights_bytes` and
+`predict_peak_gpu_gib`. It predicts GPU memory only, not host RAM: the planner of the low-RAM Colab scripts (each
+stage's GPU peak, the host RAM, a T4's time per step) is in the lab, `quantlab.lab.t4_plan`.
 """
 
 from __future__ import annotations
@@ -64,6 +60,8 @@ def _linear_bytes(out_features: int, in_features: int, scheme: str) -> float:
         return n / 2 + n / 64 + 4 * n / (64 * 256)
     if scheme == "int4-g128":  # 4-bit values, a 16-bit scale and zero point per 128 (torchao, Quanto)
         return n / 2 + 4 * n / 128
+    if scheme == "uint4-g64":  # 4-bit values, a float32 scale and zero point per 64 (SDNQ)
+        return n / 2 + 8 * n / 64
     if scheme == "int2-g128":
         return n / 4 + 4 * n / 128
     if scheme == "fp8-storage":  # fp8 layerwise casting: one byte, no scale

@@ -255,9 +255,10 @@ class LowRam:
 
 
 # The settings every whole script starts from (`Recipe.code`): on a big GPU, FLUX.1-dev in bf16 at its own size.
+# MAX_SEQUENCE_LENGTH is T5's prompt length: FLUX.1-dev's 512; the mini model learned 48 and draws nothing at 512.
 SCRIPT_SETTINGS = {"MODEL_ID": "black-forest-labs/FLUX.1-dev", "PROMPT": "a photo of a cat sitting on a red chair in "
-                   "a sunny room", "HEIGHT": 1024, "WIDTH": 1024, "STEPS": 28, "GUIDANCE": 3.5, "SEED": 0,
-                   "DEVICE": "cuda", "DTYPE": "bfloat16"}
+                   "a sunny room", "HEIGHT": 1024, "WIDTH": 1024, "STEPS": 28, "GUIDANCE": 3.5,
+                   "MAX_SEQUENCE_LENGTH": 512, "SEED": 0, "DEVICE": "cuda", "DTYPE": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,7 @@ class Recipe:
     device_map: str | None = None  # "balanced": accelerate spreads the components over every GPU
     speedups: Speedups = Speedups()
     low_ram: LowRam | None = None
+    checkpoint: str | None = None  # a pre-quantized checkpoint it loads: "bfl" (one file), "prequantized" (a folder)
     script: tuple[str, ...] = ()  # the parts (files of SCRIPTS_DIR) of the whole script a learner pastes
     script_settings: tuple[tuple[str, Any], ...] = ()  # settings beyond SCRIPT_SETTINGS that the script reads
     backend_needs: tuple[Needs, ...] = ()
@@ -302,9 +304,12 @@ class Recipe:
         return self
 
     def quantization_config(self, dtype: torch.dtype = torch.bfloat16):
-        """The `PipelineQuantizationConfig` this recipe passes to `FluxPipeline.from_pretrained`, or None."""
+        """The `PipelineQuantizationConfig` this recipe passes to `FluxPipeline.from_pretrained`, or None (also for a
+        recipe that reads a pre-quantized checkpoint, whose transformer is loaded apart)."""
         from diffusers import PipelineQuantizationConfig
 
+        if self.checkpoint:
+            return None
         mapping = {}
         if self.transformer is not None:
             mapping["transformer"] = self.transformer(dtype)
@@ -587,9 +592,60 @@ def _low_ram_recipes(registry: dict[str, Recipe]) -> list[Recipe]:
     ]
 
 
+def _newer_recipes(registry: dict[str, Recipe]) -> list[Recipe]:
+    """Chapter 08's backends: each transformer quantized while it loads, or read from a pre-quantized checkpoint."""
+    def config(class_name: str, **kwargs) -> ConfigFactory:
+        def make(dtype: torch.dtype):
+            import diffusers
+
+            return getattr(diffusers, class_name)(**{k: dtype if v is DTYPE else v for k, v in kwargs.items()})
+        return make
+
+    sdnq = Needs("the sdnq package", why="diffusers' SDNQConfig hands the quantization to sdnq",
+                 instead="another backend's recipe", modules=(("sdnq", "sdnq==0.2.8"),))
+    modelopt = Needs(f"{env.MODELOPT_PIN}", why="diffusers 0.42.1 drives modelopt 0.37.0 and no newer",
+                     instead=f"pip install {env.MODELOPT_PIN}", modules=(("modelopt", env.MODELOPT_PIN),),
+                     software=env.modelopt_problem)
+    autoround = Needs("the auto-round package", why="diffusers' AutoRoundConfig loads through auto-round's kernels",
+                      instead="pip install auto-round==0.16.1", modules=(("auto_round", "auto-round==0.16.1"),))
+    nunchaku = Needs("a Turing-to-Ada or Blackwell GPU and the kernels package", cuda=True, min_cc=(7, 5), not_major=(9,),
+                     why="Nunchaku Lite's int4 kernels are built for compute capability 7.5+ and refused on Hopper, "
+                         "and fetched from the Hub by the kernels package",
+                     instead="SDNQ uint4 with use_svd=True (SVDQuant's low-rank branch, without 4-bit activations)",
+                     modules=(("kernels", "kernels"),))
+    return [
+        Recipe("sdnq-int8", "sdnq", "SDNQ int8 weights, one scale per output row, quantized while loading",
+               config("SDNQConfig", weights_dtype="int8"), storage=("int8-row", "16bit"), backend_needs=(sdnq,),
+               script=("sdnq_int8.py", "load_quantized.py", "generate.py")),
+        Recipe("sdnq-int8-matmul", "sdnq", "SDNQ int8 weights, and the matmuls in int8 (activations quantized too)",
+               config("SDNQConfig", weights_dtype="int8", use_quantized_matmul=True), storage=("int8-row", "16bit"),
+               backend_needs=(sdnq,)),
+        Recipe("sdnq-uint4", "sdnq", "SDNQ 4-bit weights, a scale and a zero point per 64",
+               config("SDNQConfig", weights_dtype="uint4"), storage=("uint4-g64", "16bit"), backend_needs=(sdnq,)),
+        Recipe("sdnq-uint4-svd", "sdnq", "SDNQ 4-bit weights with a rank-32 low-rank branch in 16 bits (SVDQuant's idea)",
+               config("SDNQConfig", weights_dtype="uint4", use_svd=True, svd_rank=32), storage=("uint4-g64", "16bit"),
+               backend_needs=(sdnq,)),
+        *(Recipe(f"modelopt-{kind.lower()}", "modelopt", f"NVIDIA ModelOpt {kind} weights, quantized while loading",
+                 config("NVIDIAModelOptConfig", quant_type=kind), storage=("int8-row", "16bit"),
+                 backend_needs=(modelopt,)) for kind in ("FP8", "INT8")),
+        Recipe("bfl-fp8r", "bfl", "a BFL fp8r file: the blocks' Linears in float8 with a scale per row, read with "
+               "from_single_file", config("BFLQuantizationConfig", compute_dtype=DTYPE), storage=("int8-row", "16bit"),
+               checkpoint="bfl"),
+        Recipe("autoround-w4a16", "autoround", "an AutoRound W4A16 checkpoint: 4-bit weights in groups of 128, "
+               "quantized beforehand by the auto-round library", storage=("int4-g128", "16bit"),
+               backend_needs=(autoround,), checkpoint="prequantized"),
+        Recipe("nunchaku-lite-svdq-int4", "nunchaku", "a Nunchaku Lite SVDQuant checkpoint: 4-bit weights and "
+               "activations with a 16-bit low-rank branch", storage=("int4-g128", "16bit"), backend_needs=(nunchaku,),
+               checkpoint="prequantized"),
+    ]
+
+
+DTYPE = object()  # in a config's keywords: the pipeline's dtype, filled in when the config is made
+
+
 def _build_registry() -> dict[str, Recipe]:
     registry: dict[str, Recipe] = {}
-    for build in (lambda _: _quantization_recipes(), _offload_recipes, _speed_recipes, _low_ram_recipes):
+    for build in (lambda _: _quantization_recipes(), _offload_recipes, _speed_recipes, _low_ram_recipes, _newer_recipes):
         for recipe in build(registry):
             if recipe.name in registry:
                 raise ValueError(f"Two recipes are called {recipe.name!r}.")

@@ -66,6 +66,15 @@ def test_a_saved_reference_serves_a_later_run(comparison):
     assert again.frame.psnr_db[0] == pytest.approx(first.psnr_db)
 
 
+def test_the_mini_model_is_compared_on_shape_captions_and_real_models_on_the_blogs_prompts():
+    mini = compare.default_prompts("mini")
+    assert len(mini) == 3 and list(mini.values()) == ql.shapes.held_out_captions(3)
+    for label, caption in mini.items():  # labelled by what the caption asks for
+        scene = ql.shapes.parse_caption(caption)
+        assert label == f"{scene.colour} {scene.shape}, {scene.position}"
+    assert compare.default_prompts("flux-dev-shaped") == compare.BLOG_PROMPTS
+
+
 def test_a_comparison_without_a_reference_is_refused_before_loading(tiny_path):
     with pytest.raises(ValueError, match="needs a bf16 reference"):
         compare.run_comparison("tiny", ["quanto-int8"], device="cpu")
@@ -228,6 +237,10 @@ def test_recommend_answers_a_t4_with_the_whole_script_the_simulated_t4_ran(resul
     assert "BitsAndBytesConfig(load_in_4bit=True" in code and "encode_prompt(" in code
     assert "int8-encode-then-free" not in str(advice)  # a failed row is no advice
     assert "ready to paste" in str(advice) and "```python" in advice._repr_markdown_()
+    # on a GPU with bf16 the same script takes the step time measured on the simulated T4's GPU, not a T4's
+    bigger = compare.recommend(24, 64, (8, 9), count=10).recommendations
+    low_ram = next(r for r in bigger if r.recipe == "nf4-encode-then-free")
+    assert low_ram.s_per_image == pytest.approx(0.207 * 28) and "(from 207 ms per step)" in low_ram.reason
 
 
 def test_recommend_orders_by_the_priority(results):
@@ -239,9 +252,9 @@ def test_recommend_orders_by_the_priority(results):
     assert "identical to bf16" in quality.recommendations[0].reason
     memory = compare.recommend(**big, priority="memory", count=1)
     assert [r.recipe for r in memory.recommendations] == ["bf16+sequential-offload"]
-    # measured with 10 steps: 47 s, plus 40 more steps of 4.4 s
-    assert memory.recommendations[0].s_per_image == pytest.approx(223.0)
-    assert "223 s per 50-step image (projected from 10 steps)" in memory.recommendations[0].reason
+    # measured with 10 steps: 47 s, plus the 18 more steps of the script's 28, 4.4 s each
+    assert memory.recommendations[0].s_per_image == pytest.approx(126.2)
+    assert "126.2 s per 28-step image (projected from 47.0 s at 10 steps)" in memory.recommendations[0].reason
     assert speed.recommendations[-1].recipe == "bf16+sequential-offload"
     assert speed.notes == []  # this GPU computes in bf16
     assert "over 2 GPUs; this machine has 1" in speed.cannot_run["bf16+balanced"]

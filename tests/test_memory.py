@@ -76,6 +76,12 @@ def test_lowest_peak_and_fastest_within_a_budget():
     assert ql.memory.fastest_within(ROWS, peak_gib=1) is None
 
 
+def test_fastest_within_subtracts_nothing_from_the_budget():
+    # chapter 05 says so: a peak equal to the budget fits; a margin for the driver is the caller's to take
+    assert ql.memory.fastest_within(ROWS, peak_gib=7.5).recipe == "offloaded"
+    assert ql.memory.fastest_within(ROWS, peak_gib=7.5 - 0.25).recipe == "sequential"
+
+
 def test_choosing_needs_gpu_rows_and_the_columns():
     with pytest.raises(ValueError, match="nothing was measured on a GPU"):
         ql.memory.lowest_peak(ROWS[ROWS.recipe == "cpu"])

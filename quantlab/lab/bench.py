@@ -22,10 +22,34 @@ from pathlib import Path
 
 import torch
 
-from .. import compare, env, gguf, measure, models, pipeline, quality, quanto, recipes
+from .. import compare, env, gguf, measure, models, newer, pipeline, quality, quanto, recipes
 from .runner import Scenario, common_arguments, random_transformer_inputs, run_scenarios
 
 __all__ = ["measure_recipe", "quantize_and_compare", "main"]
+
+
+def write_checkpoint(model: str, name: str, folder: str | Path) -> Path:
+    """The pre-quantized checkpoint chapter 08's recipe `name` reads for `model`, written under `folder` first if
+    missing: a BFL fp8r file (`newer.write_bfl_file`), or an AutoRound W4A16 folder (`newer.autoround_quantize`,
+    round-to-nearest, calibrated on nothing, as a GPU machine has no calibration set to download)."""
+    from diffusers import FluxTransformer2DModel
+
+    recipe, spec = recipes.get_recipe(name), models.get_model(model)
+    device = env.default_device()
+    base = Path(folder) / f"{spec.name.replace('/', '--')}-{recipe.name}"
+    if recipe.checkpoint == "bfl":
+        path = base.with_suffix(".safetensors")
+        if not path.is_file():
+            transformer = FluxTransformer2DModel.from_pretrained(models.model_path(spec.name), subfolder="transformer",
+                                                                 dtype=torch.bfloat16).to(device)
+            newer.write_bfl_file(transformer, path)
+        return path
+    if recipe.name == "autoround-w4a16":
+        if not (base / "transformer" / "config.json").is_file():
+            newer.autoround_quantize(models.model_path(spec.name), base, [pipeline.DEFAULT_PROMPT], iters=0,
+                                     call_kwargs=spec.call_kwargs(), device=device)
+        return base
+    raise ValueError(f"Recipe {name!r} reads a checkpoint the lab cannot write ({recipe.checkpoint}).")
 
 
 def measure_recipe(model: str, name: str, *, gguf_dir: str | None = None, eager_row_out: str | None = None,
@@ -37,10 +61,13 @@ def measure_recipe(model: str, name: str, *, gguf_dir: str | None = None, eager_
     """
     recipe = recipes.get_recipe(name)
     gguf_file, report = (None, None)
-    if recipe.gguf_type:
+    if recipe.gguf_type or recipe.checkpoint:
         if gguf_dir is None:
-            raise ValueError(f"Recipe {name!r} loads a GGUF file: pass --gguf-dir, the folder of (or for) the files.")
+            raise ValueError(f"Recipe {name!r} loads a file: pass --gguf-dir, the folder of (or for) the files.")
+    if recipe.gguf_type:
         gguf_file, report = gguf.write_model_file(model, recipe.gguf_type, gguf_dir)
+    if recipe.checkpoint:
+        kwargs["checkpoint"] = write_checkpoint(model, name, gguf_dir)
     keep_eager = (lambda row: measure.save_rows([row], eager_row_out)) if eager_row_out else None
     run = pipeline.run_recipe(model, recipe, progress=True, on_eager_row=keep_eager,
                               **({"gguf_file": gguf_file} if gguf_file else {}), **kwargs)
@@ -55,6 +82,8 @@ def measure_recipe(model: str, name: str, *, gguf_dir: str | None = None, eager_
 
 def _compared(model: str, name: str, **kwargs) -> measure.Measurement:
     """One recipe as chapter 07 compares it, against the bf16 reference file."""
+    if recipes.get_recipe(name).checkpoint:
+        kwargs["checkpoint"] = write_checkpoint(model, name, kwargs["gguf_dir"])
     comparison = compare.run_comparison(model, [name], **kwargs)
     return comparison.rows[0]
 
@@ -105,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-steps", type=int)
     parser.add_argument("--prompt", default=pipeline.DEFAULT_PROMPT)
     parser.add_argument("--notes", default="", help="a line stored with every row")
-    parser.add_argument("--gguf-dir", help="for gguf-* recipes: where MODEL-TYPE.gguf files are, or are written")
+    parser.add_argument("--gguf-dir", help="for recipes that read a file (GGUF, BFL, AutoRound): where it is, or is "
+                        "written")
     parser.add_argument("--reference", help="a .safetensors file: written by the bf16 run, read by the rest; with it, "
                         "each recipe is compared as chapter 07 compares them (PSNR, SSIM, SQNR against bf16)")
     parser.add_argument("--quanto-direct", nargs="*", default=[], choices=("int8", "float8", "int4", "int2"),
@@ -113,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec = models.get_model(args.model)
     for name in args.recipes:  # every name checked before the first (long) load
-        if recipes.get_recipe(name).gguf_type and not args.gguf_dir:
-            parser.error(f"{name} loads a GGUF file: give --gguf-dir, the folder of (or for) its file")
+        recipe = recipes.get_recipe(name)
+        if (recipe.gguf_type or recipe.checkpoint) and not args.gguf_dir:
+            parser.error(f"{name} loads a file: give --gguf-dir, the folder of (or for) its file")
     if not args.recipes and not args.quanto_direct:
         parser.error("nothing to run: give --recipes or --quanto-direct")
     size = {"height": args.height, "width": args.width}

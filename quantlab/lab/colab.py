@@ -74,7 +74,7 @@ TORCH_BELOW = "3"
 TORCH_INDEX_URL = "https://download.pytorch.org/whl/cu126"
 # Unpinned dependencies of quantlab that a Colab runtime does not need: it has its own Jupyter, and the test
 # tools are not used by the chapters.
-NOT_ON_COLAB = ("jupyterlab", "ipykernel", "nbval", "papermill", "pytest")
+NOT_ON_COLAB = ("jupyterlab", "ipykernel", "papermill", "pytest")
 CHECKOUT = "/content/quantlab"
 
 # What each chapter's copy runs at its end on FLUX.1-dev, and why: the chapter's own backend wherever one of
@@ -432,6 +432,7 @@ PROMPT = {prompt}
 HEIGHT, WIDTH, SEED = FULL_HEIGHT, FULL_WIDTH, {seed}
 STEPS = FULL_STEPS or min(28, ql.get_model(FULL_MODEL).steps)  # 28 for FLUX.1-dev, 4 for schnell
 GUIDANCE = ql.get_model(FULL_MODEL).guidance_scale
+MAX_SEQUENCE_LENGTH = ql.get_model(FULL_MODEL).max_sequence_length  # T5's prompt length: 512 for FLUX.1-dev
 DEVICE, DTYPE = "cuda", torch.float16  # a T4 computes in fp16: no bf16, no fp8
 {settings_source}
 torch.cuda.reset_peak_memory_stats()

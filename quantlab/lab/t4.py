@@ -178,6 +178,7 @@ def _child(args: argparse.Namespace) -> int:
         torch.cuda.set_per_process_memory_fraction(args.vram_gib * GIB / torch.cuda.get_device_properties(0).total_memory)
     settings = {**recipes.SCRIPT_SETTINGS, **dict(recipe.script_settings), "MODEL_ID": models.model_path(args.model),
                 "HEIGHT": args.height, "WIDTH": args.width, "STEPS": args.steps, "DEVICE": args.device,
+                "MAX_SEQUENCE_LENGTH": models.get_model(args.model).max_sequence_length,
                 "DTYPE": getattr(torch, args.dtype), **json.loads(args.settings)}
     if recipe.low_ram.prequantized and not Path(settings["NF4_CHECKPOINT"], "transformer").is_dir():
         prepared = run_script(recipe, settings, prepare=True)

@@ -1,5 +1,5 @@
 image = pipe(PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-             generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+             max_sequence_length=MAX_SEQUENCE_LENGTH, generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
 if torch.cuda.is_available():
     print(f"peak GPU memory: {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB")
 else:

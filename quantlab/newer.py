@@ -1,0 +1,128 @@
+"""Chapter 08: the five newer backends' checkpoints and checks (SDNQ, NVIDIA ModelOpt, BFL, AutoRound, Nunchaku Lite).
+
+`write_bfl_file` writes a BFL fp8r single-file checkpoint with diffusers' own helper and `check_bfl_file`
+refuses a file that is truncated or lacks its scales, before loading; `autoround_quantize` quantizes a
+pipeline's transformer with the auto-round library, offline; `check_prequantized` names the package a saved
+checkpoint needs before diffusers tries to load it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import torch
+
+from .files import atomic_output
+
+__all__ = ["QUANT_METHOD_PACKAGES", "BFLFileError", "write_bfl_file", "check_bfl_file", "autoround_quantize",
+           "check_prequantized"]
+
+# A saved checkpoint's quantization_config.quant_method, and the package that loads it.
+QUANT_METHOD_PACKAGES = {"sdnq": "sdnq", "modelopt": "modelopt", "auto-round": "auto_round",
+                         "nunchaku_lite": "kernels", "bitsandbytes": "bitsandbytes", "quanto": "optimum.quanto"}
+# BFL's own script quantizes the blocks' Linears only: attention and MLPs of the double- and single-stream blocks.
+_BLOCK_LINEAR = re.compile(r"(single_)?transformer_blocks\.\d+\.(attn|ff|ff_context|proj_mlp|proj_out)\b.*\.weight")
+
+
+class BFLFileError(ValueError):
+    """A BFL single-file checkpoint that diffusers would fail on, or silently misread."""
+
+
+def write_bfl_file(transformer: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Write `transformer` as a BFL fp8r single file: each block Linear's weight in float8 e4m3 with a float32 scale
+    per row (`diffusers.quantizers.bfl.utils.quantize_fp8r`), everything else as it is, in diffusers' names."""
+    from diffusers.quantizers.bfl.utils import quantize_fp8r
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, tensor in transformer.state_dict().items():
+        if _BLOCK_LINEAR.fullmatch(name) and tensor.ndim == 2:
+            tensors[name], tensors[name.removesuffix("weight") + "weight_scale"] = quantize_fp8r(tensor)
+        else:
+            tensors[name] = tensor.contiguous()
+    with atomic_output(path) as partial:
+        save_file(tensors, partial, metadata={"format": "pt", "quantization": "fp8r"})
+    return Path(path)
+
+
+def check_bfl_file(path: str | os.PathLike) -> dict[str, int]:
+    """Check a BFL fp8r file's header before diffusers reads it; returns {dtype: tensors}.
+
+    Refused with `BFLFileError`: a file shorter than its header says (truncated), a file with no `.weight_scale`
+    (not fp8r or nvfp4), and float8 weights without their scale, which diffusers would load as raw codes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No BFL checkpoint at {path}.")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        try:
+            header = json.loads(f.read(size)) if 0 < size < 2**28 else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise BFLFileError(f"{path} has no readable safetensors header: it is not a checkpoint, or it is cut short. "
+                           "Write or download it again.")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = 8 + size + max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    if path.stat().st_size < end:
+        raise BFLFileError(f"{path} is {path.stat().st_size:,} bytes and its header says {end:,}: truncated. Write or "
+                           "download it again.")
+    if not any(name.endswith(".weight_scale") for name in tensors):
+        raise BFLFileError(f"{path} has no .weight_scale tensors, so it is not a BFL fp8r or nvfp4 checkpoint.")
+    unscaled = [n for n, v in tensors.items() if v["dtype"] == "F8_E4M3" and n.endswith(".weight")
+                and n.removesuffix("weight") + "weight_scale" not in tensors]
+    if unscaled:
+        raise BFLFileError(f"{path}: {len(unscaled)} float8 weights have no .weight_scale ({unscaled[0]}, ...): "
+                           "diffusers would use their raw fp8 codes as weights. Write the file again.")
+    counts: dict[str, int] = {}
+    for v in tensors.values():
+        counts[v["dtype"]] = counts.get(v["dtype"], 0) + 1
+    return counts
+
+
+def autoround_quantize(model_path: str, out: str | os.PathLike, captions: list[str], *, iters: int = 0,
+                       call_kwargs: dict | None = None, calibration_steps: int = 4, device: str = "cpu") -> Path:
+    """Quantize `model_path`'s transformer to 4-bit weights (W4A16) with auto-round, offline, and save it for diffusers.
+
+    `iters=0` rounds to nearest; `iters > 0` runs SignRound on the transformer blocks' inputs for the `captions`
+    (a local .tsv: without one auto-round downloads a calibration set). The export's weight file is renamed to the
+    name diffusers' `from_pretrained` looks for. `device` is where auto-round quantizes (a GPU for FLUX.1-dev).
+    """
+    from auto_round import AutoRound
+    from diffusers import FluxPipeline
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / "calibration.tsv"  # a .csv would be read as another dataset (AudioCaps)
+    table.write_text("id\tcaption\n" + "".join(f"{i}\t{c}\n" for i, c in enumerate(captions)))
+    call = dict(call_kwargs or {})
+    steps, guidance = call.pop("num_inference_steps", 10), call.pop("guidance_scale", 3.5)
+    tuning = dict(iters=0, disable_opt_rtn=True) if iters == 0 else dict(iters=iters, batch_size=1,
+                                                                           enable_torch_compile=False)
+    pipe = FluxPipeline.from_pretrained(model_path, dtype=torch.bfloat16)
+    AutoRound(pipe, scheme="W4A16", dataset=str(table), nsamples=len(captions), device_map=device,
+              guidance_scale=guidance, num_inference_steps=steps, calib_num_inference_steps=calibration_steps,
+              pipeline_call_kwargs=call, **tuning).quantize_and_save(str(out), format="auto_round")
+    folder = out / "transformer"
+    for file in folder.glob("model*.safetensors*"):  # auto-round 0.16.1 writes model.safetensors
+        file.rename(folder / file.name.replace("model", "diffusion_pytorch_model", 1))
+    return out
+
+
+def check_prequantized(folder: str | os.PathLike, subfolder: str = "transformer") -> str | None:
+    """The quant_method a saved checkpoint carries (None for a plain one); `ImportError` naming the package to
+    install when the one that loads it is missing, before diffusers reads a weight."""
+    config = Path(folder) / subfolder / "config.json"
+    method = json.loads(config.read_text()).get("quantization_config", {}).get("quant_method")
+    package = QUANT_METHOD_PACKAGES.get(method)
+    if package and importlib.util.find_spec(package.split(".")[0]) is None:
+        raise ImportError(f"{config} says its weights were quantized with {method}, and {package} is not installed "
+                          f"here: install it (the course pins it in pyproject.toml), then load again.")
+    return method
