@@ -201,7 +201,8 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
                    prompts: dict[str, str] | None = None, seed: int = 0, steps: int | None = None,
                    warmup_steps: int | None = 2, gguf_dir: str | Path | None = None,
                    reference: str | Path | Reference | None = None, device: str | None = None,
-                   on_row=None, errors: bool = True, accuracy_captions: int = 0) -> Comparison:
+                   on_row=None, errors: bool = True, accuracy_captions: int = 0,
+                   checkpoints: dict[str, str | Path] | None = None) -> Comparison:
     """Run every recipe of `recipe_names` (default: every candidate that runs here) on the same prompts and seed.
 
     The reference is the first recipe, which must be bf16, unless `reference` is given: a `Reference`,
@@ -210,7 +211,8 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
     With `errors=False` nothing is compared with bf16 (no reference needed): memory and time only.
     With `accuracy_captions=n` each row also has the prompt accuracy on `n` held-out shape captions; without, on
     a trained model whose prompts are all shape captions (the mini model's default), the prompts' own images are
-    scored (`accuracy[recipe]` holds them). `prompts` defaults to `default_prompts(model)`.
+    scored (`accuracy[recipe]` holds them). `prompts` defaults to `default_prompts(model)`. A recipe that reads a
+    pre-quantized checkpoint (chapter 08) finds it in `checkpoints[recipe]`.
     """
     spec = models.get_model(model)
     prompts = prompts or default_prompts(spec.name)
@@ -218,8 +220,9 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
     skipped: dict[str, str] = {}
     if recipe_names is None:
         recipe_names, skipped = comparison_recipes(device)
-    for name in recipe_names:
-        recipes.get_recipe(name)  # every name checked before the first (long) load
+    for name in recipe_names:  # every name checked before the first (long) load
+        if recipes.get_recipe(name).checkpoint and name not in (checkpoints or {}):
+            raise ValueError(f"Recipe {name!r} reads a pre-quantized checkpoint: pass checkpoints={{{name!r}: <path>}}.")
     reference_file = Path(reference) if isinstance(reference, (str, Path)) else None
     if isinstance(reference, Reference):
         ref = reference
@@ -251,6 +254,7 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
             reference_image=None if ref is None else list(ref.images),
             notes=f"the {len(prompts)} prompts {'; '.join(prompts)}, seed {seed}", accuracy_captions=accuracy_captions,
             **({"gguf_file": gguf_file} if gguf_file else {}),
+            **({"checkpoint": checkpoints[name]} if recipe.checkpoint else {}),
         )
         if ref is None and errors:  # this is the bf16 run
             ref = make_reference(run.pipe, list(prompts.values()), run.images, call, seed=seed)

@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 REQUIRED_PINS = {
     "torch": "2.13.0", "diffusers": "0.42.1", "transformers": "5.23.0", "accelerate": "1.15.0",
     "bitsandbytes": "0.50.2", "torchao": "0.18.0", "optimum-quanto": "0.2.7", "gguf": "0.19.0",
+    # chapter 08's backends (diffusers 0.42.1 supports these versions; see results/README.md)
+    "sdnq": "0.2.8", "nvidia-modelopt": "0.37.0", "auto-round": "0.16.1",
 }
 UNPINNED = {"jupyterlab", "ipykernel", "papermill", "matplotlib", "ipywidgets", "pandas", "safetensors",
             "sentencepiece"}
@@ -95,3 +97,9 @@ def test_make_lab_opens_jupyterlab_as_root_too():
     dry_run = subprocess.run(["make", "-n", "lab"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     command = next(line for line in dry_run.splitlines() if "jupyter lab notebooks" in line)
     assert command.rstrip().endswith("--allow-root") == (os.getuid() == 0)
+
+
+def test_the_modelopt_pin_chapter_08_checks_is_the_one_installed():
+    from quantlab.env import MODELOPT_PIN
+
+    assert MODELOPT_PIN in pyproject_requirements()

@@ -83,7 +83,7 @@ def measure_recipe(model: str, name: str, *, gguf_dir: str | None = None, eager_
 def _compared(model: str, name: str, **kwargs) -> measure.Measurement:
     """One recipe as chapter 07 compares it, against the bf16 reference file."""
     if recipes.get_recipe(name).checkpoint:
-        kwargs["checkpoint"] = write_checkpoint(model, name, kwargs["gguf_dir"])
+        kwargs["checkpoints"] = {name: write_checkpoint(model, name, kwargs["gguf_dir"])}
     comparison = compare.run_comparison(model, [name], **kwargs)
     return comparison.rows[0]
 
