@@ -470,7 +470,7 @@ def _quantization_recipes() -> list[Recipe]:
              compute_dtype=torch.float32),
         dataclasses.replace(
             _torchao("torchao-int8wo", "torchao Int8WeightOnlyConfig", _torchao_config("Int8WeightOnlyConfig"),
-                     "int8-row"), script=("torchao_int8wo.py", "load_quantized.py", "generate.py")),
+                     "int8-row"), script=("torchao_int8wo.py", "load_quantized_on_device.py", "generate.py")),
         _torchao("torchao-int8dq", "torchao Int8DynamicActivationInt8WeightConfig",
                  _torchao_config("Int8DynamicActivationInt8WeightConfig"), "int8-row"),
         _torchao("torchao-int4wo", "torchao Int4WeightOnlyConfig(group_size=128)",

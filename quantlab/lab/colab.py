@@ -114,9 +114,6 @@ FULL_PARAMETERS = (
 )
 DEV = "black-forest-labs/FLUX.1-dev"
 SCHNELL = "black-forest-labs/FLUX.1-schnell"
-# The prompt of the last section in a chapter whose parameters have no PROMPT.
-DEFAULT_PROMPT = ("Baroque style, a lavish palace interior with ornate gilded ceilings, intricate tapestries, "
-                  "and dramatic lighting over a grand staircase.")
 # Every generated cell carries this metadata key, whose value says which cell it is.
 MARKER = "quantlab_colab"
 
@@ -387,7 +384,6 @@ def t4_verdict(name: str, results: str = T4_RESULTS) -> str:
 
 def _t4_cells(stem: str, parameter_names: set[str]) -> list:
     names, reason = CHAPTER_T4.get(stem, CHAPTER_T4["00_tour"])
-    prompt = "PROMPT" if "PROMPT" in parameter_names else json.dumps(DEFAULT_PROMPT)
     seed = "SEED" if "SEED" in parameter_names else "0"
     lines = []
     for name in names:
@@ -428,7 +424,7 @@ else:
         cells.append(_cell("code", f"""
 assert T4_READY, "the cells of this section need a CUDA GPU and a model to download; see the cell above"
 MODEL_ID = FULL_MODEL
-PROMPT = {prompt}
+PROMPT = ql.get_model(FULL_MODEL).prompt  # the chapter's PROMPT may be a caption the mini model was trained on
 HEIGHT, WIDTH, SEED = FULL_HEIGHT, FULL_WIDTH, {seed}
 STEPS = FULL_STEPS or min(28, ql.get_model(FULL_MODEL).steps)  # 28 for FLUX.1-dev, 4 for schnell
 GUIDANCE = ql.get_model(FULL_MODEL).guidance_scale
