@@ -108,6 +108,8 @@ CANDIDATE_RECIPES = (
     "quanto-int8", "quanto-float8", "quanto-int4", "quanto-int2",
     "fp8-layerwise-e4m3", "fp8-layerwise-e5m2",
     "bnb-4bit-nf4+model-offload", "bnb-8bit+model-offload", "fp8-layerwise-e4m3+group-leaf-stream-offload",
+    # chapter 08's backends that quantize while loading; BFL, AutoRound and Nunchaku Lite read a checkpoint first
+    "sdnq-int8", "sdnq-uint4", "modelopt-fp8", "modelopt-int8",
 )
 
 PRIORITIES = ("memory", "speed", "quality")
@@ -461,14 +463,16 @@ def _candidate_rows(results: Sequence[str], scripted_only: bool):
     rows, seen = [], set()
     for name in results:
         path = measure.results_dir() / f"{name}.json"
+        latest = {}  # within a file the later row wins: a re-measurement (the T4 rows at 14.25 GiB after 15)
         for row in measure.load_rows(path) if path.exists() else []:
             recipe = recipes.RECIPES.get(row.recipe)
             measured = (row.s_per_image is not None or row.ms_per_step is not None) and not row.extra.get("error")
             if (row.recipe in seen or recipe is None or not measured or row.extra.get("superseded")
                     or (scripted_only and not recipe.script)):
                 continue  # the first file wins; compiled, direct-API, failed and superseded rows are not advice
-            seen.add(row.recipe)
-            rows.append((name, row, recipe))
+            latest[row.recipe] = (name, row, recipe)
+        seen.update(latest)
+        rows.extend(latest.values())
     return rows
 
 

@@ -3,12 +3,15 @@ meets, and the one hardware check every recipe goes through (chapter 00 and ever
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
+import io
 import os
 import platform
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Iterable
@@ -345,12 +348,14 @@ def modelopt_problem() -> str | None:
     from diffusers import NVIDIAModelOptConfig
 
     where = f"nvidia-modelopt {modelopt.__version__} is installed, and diffusers 0.42.1 drives {MODELOPT_PIN}"
-    try:
-        config = NVIDIAModelOptConfig(quant_type="FP8").modelopt_config
-        layer = torch.nn.Sequential(torch.nn.Linear(16, 16, dtype=torch.bfloat16))
-        mto.apply_mode(layer, mode=[("quantize", copy.deepcopy(config))])  # what diffusers does before loading,
-        mtq.calibrate(layer[0], config["algorithm"], None)  # and to each Linear as it loads
-        mtq.compress(layer[0])
+    try:  # quietly: modelopt prints how many quantizers it inserted, and warns that compressing is experimental
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = NVIDIAModelOptConfig(quant_type="FP8").modelopt_config
+            layer = torch.nn.Sequential(torch.nn.Linear(16, 16, dtype=torch.bfloat16))
+            mto.apply_mode(layer, mode=[("quantize", copy.deepcopy(config))])  # what diffusers does before loading,
+            mtq.calibrate(layer[0], config["algorithm"], None)  # and to each Linear as it loads
+            mtq.compress(layer[0])
     except (TypeError, ValueError, AssertionError) as error:
         return f"{where}: its config fails ({type(error).__name__}: {error})"
     if layer[0]._parameters["weight"].dtype != torch.float8_e4m3fn:
@@ -363,7 +368,11 @@ def modelopt_problem() -> str | None:
 
 # What the libraries this course imports log about optional parts a machine lacks, once per process, when diffusers
 # is first imported: (logger, message pattern, why it says nothing about the chapter's work). Chapter 00 shows them.
+# The logger "warnings" stands for a Python warning (warnings.warn) rather than a log record.
 KNOWN_IMPORT_NOTICES = (
+    ("sdnq", r"^SDNQ: OpenVINO MM kernels are not available", "an optional Intel CPU kernel; sdnq uses PyTorch's own"),
+    ("warnings", r"transformers version .* is incompatible with nvidia-modelopt",
+     "modelopt's check for its own Hugging Face export tools; diffusers' NVIDIAModelOptConfig path works with ours"),
     ("torchao", r"^Failed to load .*torchao/_C_\w+", "torchao's CUDA-only kernels, on a machine without that CUDA"),
     ("torchao.kernel.intmm", r"Detected no triton", "Triton, which only a CUDA build of torch brings"),
     ("torch.utils._pytree", r"is an Enum subclass and is now natively supported", "a deprecation inside torchao"),
@@ -389,6 +398,9 @@ def quiet_import_notices() -> None:
     """Drop the `KNOWN_IMPORT_NOTICES` (and nothing else: an error or another warning still shows). quantlab calls
     it when it is imported, so a chapter that imports quantlab before diffusers starts quietly."""
     for name, pattern, _why in KNOWN_IMPORT_NOTICES:
+        if name == "warnings":
+            warnings.filterwarnings("ignore", message=pattern)
+            continue
         logger = logging.getLogger(name)
         if not any(isinstance(f, _KnownNotices) and f.pattern.pattern == pattern for f in logger.filters):
             logger.addFilter(_KnownNotices(pattern))

@@ -334,3 +334,10 @@ def test_without_errors_a_recipe_is_measured_alone(tiny_path):
     assert row.psnr_db is None and row.ssim is None and "sqnr_db" not in row.extra
     assert row.extra["backend"] == "quanto" and row.s_per_image > 0 and result.reference is None
     assert np.isnan(result.frame.sqnr_db[0])
+
+
+def test_within_one_results_file_the_later_row_of_a_recipe_is_the_advice(results, tmp_path):
+    ql.measure.save_rows([_row("bnb-8bit", 14.6, 30.0, 40.0), _row("bnb-8bit", 13.8, 31.0, 40.0)],
+                         tmp_path / "09_colab_t4_sim_flux-dev-shaped.json")
+    chosen = [row for _, row, _ in compare._candidate_rows(["09_colab_t4_sim_flux-dev-shaped"], scripted_only=False)]
+    assert [(row.recipe, row.peak_gpu_mem_gib) for row in chosen] == [("bnb-8bit", 13.8)]
