@@ -8,8 +8,11 @@ checkpoint needs before diffusers tries to load it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
+import logging
 import os
 import re
 import struct
@@ -88,14 +91,17 @@ def check_bfl_file(path: str | os.PathLike) -> dict[str, int]:
 
 
 def autoround_quantize(model_path: str, out: str | os.PathLike, captions: list[str], *, iters: int = 0,
-                       call_kwargs: dict | None = None, calibration_steps: int = 4, device: str = "cpu") -> Path:
+                       call_kwargs: dict | None = None, calibration_steps: int = 4) -> Path:
     """Quantize `model_path`'s transformer to 4-bit weights (W4A16) with auto-round, offline, and save it for diffusers.
 
-    `iters=0` rounds to nearest; `iters > 0` runs SignRound on the transformer blocks' inputs for the `captions`
-    (a local .tsv: without one auto-round downloads a calibration set). The export's weight file is renamed to the
-    name diffusers' `from_pretrained` looks for. `device` is where auto-round quantizes (a GPU for FLUX.1-dev).
+    `iters=0` rounds to nearest (auto-round's plain RTN: no data); `iters > 0` runs SignRound on the transformer
+    blocks' inputs for the `captions` (a local .tsv: without one auto-round downloads a calibration set), each
+    pipeline call `calibration_steps` denoising steps long. The export's weight file is renamed to the name
+    diffusers' `from_pretrained` looks for.
     """
-    from auto_round import AutoRound
+    import gc
+
+    from auto_round import AutoRound, RTNConfig, SignRoundConfig
     from diffusers import FluxPipeline
 
     out = Path(out)
@@ -104,16 +110,53 @@ def autoround_quantize(model_path: str, out: str | os.PathLike, captions: list[s
     table.write_text("id\tcaption\n" + "".join(f"{i}\t{c}\n" for i, c in enumerate(captions)))
     call = dict(call_kwargs or {})
     steps, guidance = call.pop("num_inference_steps", 10), call.pop("guidance_scale", 3.5)
-    tuning = dict(iters=0, disable_opt_rtn=True) if iters == 0 else dict(iters=iters, batch_size=1,
-                                                                           enable_torch_compile=False)
+    # each algorithm through its config (the iters= and disable_opt_rtn= keywords work too, with a warning that says
+    # so); batch_size=1, which diffusion models need (auto-round warns when it resets a larger one)
+    algorithm = RTNConfig(disable_opt_rtn=True) if iters == 0 else SignRoundConfig(iters=iters)
     pipe = FluxPipeline.from_pretrained(model_path, dtype=torch.bfloat16)
-    AutoRound(pipe, scheme="W4A16", dataset=str(table), nsamples=len(captions), device_map=device,
-              guidance_scale=guidance, num_inference_steps=steps, calib_num_inference_steps=calibration_steps,
-              pipeline_call_kwargs=call, **tuning).quantize_and_save(str(out), format="auto_round")
+    pipe.set_progress_bar_config(disable=True)  # SignRound's calibration runs the pipeline once per caption
+    gc.freeze()  # auto-round calls gc.collect() after every layer: with what lives now set aside, each takes ms, not 1 s
+    try:
+        with _quiet_progress_bars():
+            AutoRound(pipe, scheme="W4A16", dataset=str(table), nsamples=len(captions), device_map="cpu",
+                      batch_size=1, enable_torch_compile=False, guidance_scale=guidance, num_inference_steps=steps,
+                      calib_num_inference_steps=calibration_steps, pipeline_call_kwargs=call,
+                      alg_configs=algorithm).quantize_and_save(str(out), format="auto_round")
+    finally:
+        gc.unfreeze()
     folder = out / "transformer"
     for file in folder.glob("model*.safetensors*"):  # auto-round 0.16.1 writes model.safetensors
         file.rename(folder / file.name.replace("model", "diffusion_pytorch_model", 1))
     return out
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    """No tqdm bars, and no diffusers notice of an empty list: auto-round draws plain tqdm bars that no switch turns off
+    (in a notebook each refresh of a bar is a line of stderr), and casts the pipeline with `.to()`, after which diffusers
+    logs "There are modules in ... that should be kept in float32: []" for each component, naming none."""
+    from tqdm import std
+
+    init = std.tqdm.__dict__["__init__"]
+    std.tqdm.__init__ = functools.partialmethod(init, disable=True)
+    empty = _Matching(r"should be kept in float32: \[\]")
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(empty)
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = init
+        logging.getLogger("diffusers.models.modeling_utils").removeFilter(empty)
+
+
+class _Matching(logging.Filter):
+    """Drops the log records whose message matches `pattern`."""
+
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
 
 
 def check_prequantized(folder: str | os.PathLike, subfolder: str = "transformer") -> str | None:

@@ -223,4 +223,15 @@ def test_known_import_notices_are_dropped_and_nothing_else(caplog):
         logger.error("Failed to load /x/site-packages/torchao/_C_mxfp8.so")  # an error is never hidden
     assert [r.getMessage() for r in caplog.records] == ["Failed to quantize layer 3",
                                                         "Failed to load /x/site-packages/torchao/_C_mxfp8.so"]
-    assert len(env.KNOWN_IMPORT_NOTICES) == 6 and all(why for _, _, why in env.KNOWN_IMPORT_NOTICES)
+    assert len(env.KNOWN_IMPORT_NOTICES) == 8 and all(why for _, _, why in env.KNOWN_IMPORT_NOTICES)
+
+
+def test_the_known_python_warning_is_dropped_and_others_still_show():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        env.quiet_import_notices()
+        warnings.warn("transformers version 5.23.0 is incompatible with nvidia-modelopt and may cause issues.")
+        warnings.warn("transformers version 5.23.0 is incompatible with something else")
+    assert [str(w.message) for w in caught] == ["transformers version 5.23.0 is incompatible with something else"]
