@@ -1,42 +1,12 @@
-"""quantlab.torchao: the config list, the migration table, and the crash-proof worker."""
+"""quantlab.torchao: the migration table chapter 03 shows."""
 
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
-import torch
 
-import quantlab as ql
 from quantlab import torchao as qt
-
-
-@pytest.fixture(scope="module")
-def fixed_inputs(tiny_pipe):
-    call = {**ql.get_model("tiny").call_kwargs(), "num_inference_steps": 2}
-    inputs = ql.quality.capture_transformer_inputs(tiny_pipe, "a red circle", call)
-    with torch.no_grad():
-        reference = tiny_pipe.transformer(**inputs)[0]
-    return inputs, reference
-
-
-def test_installed_configs_lists_the_linear_configs():
-    installed = set(qt.installed_configs())
-    for name in ("Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig", "Int4WeightOnlyConfig",
-                 "Float8WeightOnlyConfig", "Float8DynamicActivationFloat8WeightConfig"):
-        assert name in installed
-    probed = {c.name.split("(")[0] for c in qt.LINEAR_CONFIGS}
-    assert installed - probed == {"AOPerModuleConfig", "FqnToConfig", "ModuleFqnToConfig",
-                                  "intx_quantization_aware_training"}  # tools around configs, not Linear schemes
-
-
-def test_every_listed_config_builds_a_torchao_config():
-    from torchao.core.config import AOBaseConfig
-
-    for config in qt.LINEAR_CONFIGS:
-        assert isinstance(config.build(), AOBaseConfig), config.name
-    assert len({c.name for c in qt.LINEAR_CONFIGS}) == len(qt.LINEAR_CONFIGS)
 
 
 def test_migration_table_names_real_classes_and_the_old_strings_fail():
@@ -49,34 +19,3 @@ def test_migration_table_names_real_classes_and_the_old_strings_fail():
                 assert hasattr(torchao.quantization, name), name
     with pytest.raises(TypeError, match="AOBaseConfig"):
         TorchAoConfig("int8wo")
-
-
-def test_probe_measures_what_runs_and_says_why_the_rest_does_not(tiny_path, fixed_inputs):
-    inputs, reference = fixed_inputs
-    rows = qt.probe_configs(["Int8WeightOnlyConfig()", "Float8DynamicActivationFloat8WeightConfig(PerRow())"],
-                            tiny_path, inputs, reference, repeats=1)
-    int8, fp8 = rows
-    assert int8["status"] == "ran" and int8["quantized_linears"] == 62 and int8["weight_type"] == "Int8Tensor"
-    assert int8["quantized_linear_bytes"] / int8["bf16_linear_bytes"] == pytest.approx(0.5, rel=0.05)
-    assert int8["sqnr_db"] > 25 and int8["forward_ms"] > 0
-    assert fp8["status"] == "failed" and "8.9" in fp8["why"]
-
-
-def test_a_crashed_worker_is_reported_and_restarted_for_the_rest(tiny_path, fixed_inputs, monkeypatch):
-    inputs, reference = fixed_inputs
-    calls = []
-
-    def fake_run(command, **kwargs):
-        calls.append(command)
-        if len(calls) == 1:  # the first worker finishes A, starts B and dies
-            stdout = ('{"config": "A", "status": "started"}\n{"config": "A", "status": "ran", "sqnr_db": 30}\n'
-                      '{"config": "B", "status": "started"}\n')
-            return subprocess.CompletedProcess(command, -11, stdout, "")
-        stdout = '{"config": "C", "status": "started"}\n{"config": "C", "status": "failed", "why": "no kernel"}\n'
-        return subprocess.CompletedProcess(command, 0, stdout, "")
-
-    monkeypatch.setattr(qt.subprocess, "run", fake_run)
-    rows = qt.probe_configs(["A", "B", "C"], tiny_path, inputs, reference)
-    assert [r["status"] for r in rows] == ["ran", "crashed", "failed"]
-    assert rows[1]["why"] == "the process died: signal 11 (SIGSEGV)"
-    assert len(calls) == 2
