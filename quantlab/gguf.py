@@ -389,8 +389,11 @@ def block_layout(gguf_type: str) -> list[tuple[str, int, str]]:
     return layout
 
 
-def write_model_file(model: str | None, gguf_type: str, folder: str | os.PathLike) -> tuple[Path, GGUFWriteReport | None]:
-    """The GGUF file of `model`'s transformer in `gguf_type` under `folder`, written first if missing (chapter 07).
+def write_model_file(model: str | None, gguf_type: str, folder: str | os.PathLike,
+                     device: str | None = None) -> tuple[Path, GGUFWriteReport | None]:
+    """The GGUF file of `model`'s transformer in `gguf_type` under `folder`, written on `device` first if missing
+    (chapters 02 and 07). The file is named after the model's folder (`mini-v4-<hash>-seed0`), so a rebuilt model
+    gets a new file rather than a stale one.
 
     Returns the path and the `GGUFWriteReport` (None when the file was already there).
     """
@@ -399,12 +402,14 @@ def write_model_file(model: str | None, gguf_type: str, folder: str | os.PathLik
     from . import env, models
 
     spec = models.get_model(model)
-    path = Path(folder) / f"{spec.name.replace('/', '--')}-{gguf_type}.gguf"
+    source = models.model_path(spec.name)
+    key = Path(source).name if Path(source).is_dir() else spec.name.replace("/", "--")
+    path = Path(folder) / f"{key}-{gguf_type}.gguf"
     if path.is_file():
         return path, None
-    device = env.default_device()
+    device = device or env.default_device()
     transformer = FluxTransformer2DModel.from_pretrained(
-        models.model_path(spec.name), subfolder="transformer", dtype=env.default_dtype(env.device_info(device))
+        source, subfolder="transformer", dtype=env.default_dtype(env.device_info(device))
     ).to(device)
     report = write_gguf(transformer, path, gguf_type)
     del transformer

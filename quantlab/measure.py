@@ -179,7 +179,10 @@ def weights_bytes(module: torch.nn.Module) -> int:
         for start, end in sorted(ranges):
             total += max(0, end - max(start, reached))
             reached = max(reached, end)
-    return total + sum(map(_beside_bytes, plains))
+    # bitsandbytes 8-bit: after the first forward pass the row scales move from `weight.SCB` to the layer's `state`
+    moved = [m.state.SCB for m in module.modules() if isinstance(getattr(getattr(m, "state", None), "SCB", None),
+                                                                  torch.Tensor) and getattr(m.weight, "SCB", None) is None]
+    return total + sum(map(_beside_bytes, plains)) + sum(scb.numel() * scb.element_size() for scb in moved)
 
 
 def component_weights_bytes(pipe) -> dict[str, int]:

@@ -172,6 +172,10 @@ def test_tensor_storage_bytes_bnb_int8_cpu():
     assert layer.weight.dtype == torch.int8
     assert layer.weight.SCB.dtype == torch.float32 and layer.weight.SCB.numel() == 256
     assert tensor_storage_bytes(layer.weight) == 256 * 256 + 256 * 4
+    before = weights_bytes(layer)
+    with torch.no_grad():
+        layer(torch.randn(4, 256, dtype=torch.bfloat16))  # bitsandbytes moves SCB from the weight to layer.state
+    assert weights_bytes(layer) == before == 256 * 256 + 256 * 4
 
 
 # --- timing -------------------------------------------------------------------------------------
