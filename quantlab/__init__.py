@@ -13,8 +13,8 @@ from . import env as _env
 
 _env.quiet_import_notices()  # before any library is imported: see env.KNOWN_IMPORT_NOTICES
 
-from . import (bnb, compare, env, files, gguf, gguf_quants, measure, memory, models, pipeline, plan, quality,
-               quanto, recipes, shapes, speed, torchao, viz)
+from . import (bnb, compare, env, files, gguf, gguf_quants, measure, memory, models, newer, pipeline, plan,
+               quality, quanto, recipes, shapes, speed, torchao, viz)
 from .env import UnsupportedHardwareError, report
 from .models import ModelUnavailableError, get_model, list_models, model_path
 from .pipeline import load_pipeline, run_recipe
@@ -32,6 +32,7 @@ __all__ = [
     "measure",
     "memory",
     "models",
+    "newer",
     "pipeline",
     "plan",
     "quality",

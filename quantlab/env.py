@@ -342,10 +342,13 @@ def modelopt_problem() -> str | None:
         return f"nvidia-modelopt is not installed here (pip install {MODELOPT_PIN})"
     import copy
 
-    import modelopt
-    import modelopt.torch.opt as mto
-    import modelopt.torch.quantization as mtq
-    from diffusers import NVIDIAModelOptConfig
+    try:  # installed is not importable: a missing dependency of modelopt's (pydantic, on one GPU machine)
+        import modelopt
+        import modelopt.torch.opt as mto
+        import modelopt.torch.quantization as mtq
+        from diffusers import NVIDIAModelOptConfig
+    except (ImportError, RuntimeError) as error:  # diffusers wraps a failed import in a RuntimeError
+        return f"nvidia-modelopt is installed here but does not import ({type(error).__name__}: {error})"
 
     where = f"nvidia-modelopt {modelopt.__version__} is installed, and diffusers 0.42.1 drives {MODELOPT_PIN}"
     try:  # quietly: modelopt prints how many quantizers it inserted, and warns that compressing is experimental
@@ -366,11 +369,15 @@ def modelopt_problem() -> str | None:
 
 # --- notices the libraries print when imported --------------------------------------------------------------
 
-# What the libraries this course imports log about optional parts a machine lacks, once per process, when diffusers
-# is first imported: (logger, message pattern, why it says nothing about the chapter's work). Chapter 00 shows them.
+# What the libraries this course imports log about optional parts a machine lacks (most once per process, when
+# diffusers is first imported): (logger, message pattern, why it says nothing about the chapter's work). Chapter 00
+# shows them.
 # The logger "warnings" stands for a Python warning (warnings.warn) rather than a log record.
 KNOWN_IMPORT_NOTICES = (
     ("sdnq", r"^SDNQ: OpenVINO MM kernels are not available", "an optional Intel CPU kernel; sdnq uses PyTorch's own"),
+    ("warnings", r"inner dimension \(16\) is not aligned for fast kernel",
+     "on a GPU, the mini model's 16-wide input layer is narrower than bitsandbytes' fast 4-bit kernel's blocks of 64 "
+     "(FLUX.1-dev's is 64 wide); bitsandbytes computes it with its general kernel"),
     ("warnings", r"transformers version .* is incompatible with nvidia-modelopt",
      "modelopt's check for its own Hugging Face export tools; diffusers' NVIDIAModelOptConfig path works with ours"),
     ("torchao", r"^Failed to load .*torchao/_C_\w+", "torchao's CUDA-only kernels, on a machine without that CUDA"),

@@ -23,7 +23,7 @@ import torch
 from .files import atomic_output
 
 __all__ = ["QUANT_METHOD_PACKAGES", "BFLFileError", "write_bfl_file", "check_bfl_file", "autoround_quantize",
-           "check_prequantized"]
+           "check_prequantized", "environment_checks", "copy_without"]
 
 # A saved checkpoint's quantization_config.quant_method, and the package that loads it.
 QUANT_METHOD_PACKAGES = {"sdnq": "sdnq", "modelopt": "modelopt", "auto-round": "auto_round",
@@ -90,6 +90,17 @@ def check_bfl_file(path: str | os.PathLike) -> dict[str, int]:
     return counts
 
 
+def copy_without(path: str | os.PathLike, out: str | os.PathLike, drop) -> Path:
+    """A copy of the safetensors file `path` at `out`, without the tensors whose name `drop(name)` is true (chapter 08
+    damages a BFL file on purpose, to show what `check_bfl_file` refuses)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {name: t for name, t in load_file(str(path)).items() if not drop(name)}
+    with atomic_output(out) as partial:
+        save_file(tensors, partial, metadata={"format": "pt"})
+    return Path(out)
+
+
 def autoround_quantize(model_path: str, out: str | os.PathLike, captions: list[str], *, iters: int = 0,
                        call_kwargs: dict | None = None, calibration_steps: int = 4) -> Path:
     """Quantize `model_path`'s transformer to 4-bit weights (W4A16) with auto-round, offline, and save it for diffusers.
@@ -132,19 +143,24 @@ def autoround_quantize(model_path: str, out: str | os.PathLike, captions: list[s
 
 @contextlib.contextmanager
 def _quiet_progress_bars():
-    """No tqdm bars, and no diffusers notice of an empty list: auto-round draws plain tqdm bars that no switch turns off
-    (in a notebook each refresh of a bar is a line of stderr), and casts the pipeline with `.to()`, after which diffusers
-    logs "There are modules in ... that should be kept in float32: []" for each component, naming none."""
+    """No progress bars, and no diffusers notice of an empty list, while auto-round works. auto-round draws plain tqdm
+    bars that no switch turns off (in a notebook each refresh of one is a line of stderr) and saves through
+    transformers, which draws its own; and it casts the pipeline with `.to()`, after which diffusers logs "There are
+    modules in ... that should be kept in float32: []" for each component, naming none."""
+    import transformers
     from tqdm import std
 
-    init = std.tqdm.__dict__["__init__"]
+    init, shown = std.tqdm.__dict__["__init__"], transformers.utils.logging.is_progress_bar_enabled()
     std.tqdm.__init__ = functools.partialmethod(init, disable=True)
+    transformers.utils.logging.disable_progress_bar()
     empty = _Matching(r"should be kept in float32: \[\]")
     logging.getLogger("diffusers.models.modeling_utils").addFilter(empty)
     try:
         yield
     finally:
         std.tqdm.__init__ = init
+        if shown:
+            transformers.utils.logging.enable_progress_bar()
         logging.getLogger("diffusers.models.modeling_utils").removeFilter(empty)
 
 
@@ -169,3 +185,29 @@ def check_prequantized(folder: str | os.PathLike, subfolder: str = "transformer"
         raise ImportError(f"{config} says its weights were quantized with {method}, and {package} is not installed "
                           f"here: install it (the course pins it in pyproject.toml), then load again.")
     return method
+
+
+def environment_checks(quantizer: type) -> list[dict[str, object]]:
+    """What a diffusers quantizer's `validate_environment` checks, in source order: each `if ...: raise ...` as its
+    line, condition, exception and message, read from the installed diffusers (so it shows the checks a machine
+    cannot trigger, such as Nunchaku Lite's on a CPU)."""
+    import ast
+    import inspect
+    import textwrap
+
+    method = quantizer.validate_environment
+    lines, first = inspect.getsourcelines(method)
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    checks = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and node.body and isinstance(node.body[0], ast.Raise):
+            error = node.body[0].exc
+            message = error.args[0] if isinstance(error, ast.Call) and error.args else None
+            try:
+                text = ast.literal_eval(message) if message is not None else ""
+            except ValueError:  # an f-string: show it as written
+                text = ast.unparse(message)
+            checks.append({"line": first + node.lineno - 1, "if": ast.unparse(node.test),
+                           "raises": ast.unparse(error.func if isinstance(error, ast.Call) else error),
+                           "message": text})
+    return sorted(checks, key=lambda check: check["line"])

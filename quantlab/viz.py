@@ -9,7 +9,7 @@ import numpy as np
 from .measure import require_columns
 
 __all__ = ["image_grid", "prompt_accuracy_grid", "side_by_side", "bar_chart", "memory_time_bars", "memory_time_scatter", "tradeoff_scatter",
-           "histogram", "byte_layout", "png_bytes", "ImageFlipper", "image_flipper", "SortableTable"]
+           "histogram", "byte_layout", "png_bytes", "ImageFlipper", "image_flipper"]
 
 
 def _figure(nrows: int, ncols: int, cell_inches: float = 3.0):
@@ -311,39 +311,3 @@ def byte_layout(fields: Sequence[tuple[str, int, str]], title: str | None = None
         ax.set_title(title)
     fig.tight_layout()
     return fig
-
-
-class SortableTable:
-    """A table widget: pick a column and a direction, and the rows re-sort (missing values last)."""
-
-    def __init__(self, frame, sort_by: str | None = None, ascending: bool = True, float_format: str = "{:.4g}"):
-        import ipywidgets as widgets
-
-        if frame.empty:
-            raise ValueError("SortableTable needs at least one row.")
-        self.frame = frame.reset_index(drop=True)
-        self.float_format = float_format
-        columns = list(self.frame.columns)
-        self.sort_by = widgets.Dropdown(options=columns, value=sort_by or columns[0], description="sort by")
-        self.direction = widgets.ToggleButtons(options=["ascending", "descending"],
-                                               value="ascending" if ascending else "descending")
-        self.html = widgets.HTML()
-        self.sort_by.observe(lambda _change: self.refresh(), names="value")
-        self.direction.observe(lambda _change: self.refresh(), names="value")
-        self.widget = widgets.VBox([widgets.HBox([self.sort_by, self.direction]), self.html])
-        self.refresh()
-
-    @property
-    def sorted(self):
-        """The rows in the order the table shows them."""
-        return self.frame.sort_values(self.sort_by.value, ascending=self.direction.value == "ascending",
-                                      na_position="last", kind="stable")
-
-    def refresh(self) -> None:
-        """Re-draw the table from the chosen column and direction."""
-        self.html.value = self.sorted.to_html(index=False, float_format=self.float_format.format, na_rep="")
-
-    def _ipython_display_(self):
-        from IPython.display import display
-
-        display(self.widget)

@@ -223,7 +223,7 @@ def test_known_import_notices_are_dropped_and_nothing_else(caplog):
         logger.error("Failed to load /x/site-packages/torchao/_C_mxfp8.so")  # an error is never hidden
     assert [r.getMessage() for r in caplog.records] == ["Failed to quantize layer 3",
                                                         "Failed to load /x/site-packages/torchao/_C_mxfp8.so"]
-    assert len(env.KNOWN_IMPORT_NOTICES) == 8 and all(why for _, _, why in env.KNOWN_IMPORT_NOTICES)
+    assert len(env.KNOWN_IMPORT_NOTICES) == 9 and all(why for _, _, why in env.KNOWN_IMPORT_NOTICES)
 
 
 def test_the_known_python_warning_is_dropped_and_others_still_show():
@@ -235,3 +235,21 @@ def test_the_known_python_warning_is_dropped_and_others_still_show():
         warnings.warn("transformers version 5.23.0 is incompatible with nvidia-modelopt and may cause issues.")
         warnings.warn("transformers version 5.23.0 is incompatible with something else")
     assert [str(w.message) for w in caught] == ["transformers version 5.23.0 is incompatible with something else"]
+
+
+def test_a_modelopt_that_does_not_import_is_a_reason_not_a_crash(monkeypatch):
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def no_pydantic(name, *args, **kwargs):
+        if name.startswith("modelopt"):
+            raise ModuleNotFoundError("No module named 'pydantic'")
+        return real_import(name, *args, **kwargs)
+
+    for name in [m for m in sys.modules if m.startswith("modelopt")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(builtins, "__import__", no_pydantic)
+    assert env.modelopt_problem() == ("nvidia-modelopt is installed here but does not import "
+                                      "(ModuleNotFoundError: No module named 'pydantic')")

@@ -63,6 +63,9 @@ def test_parameters_cell_reads_the_environment(path):
     assigned = [n.targets[0].id for n in ast.parse(source).body if isinstance(n, ast.Assign)]
     assert assigned and all(name.isupper() for name in assigned)
     assert all(f'"QUANTLAB_{name}"' in source for name in assigned if name != "MODEL")
+    # papermill reads one "=" a line to find the parameters (a second one, as in "==", makes it warn and skip)
+    code_lines = [line.split("#")[0] for line in source.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert all(line.count("=") <= 1 for line in code_lines)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

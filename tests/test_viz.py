@@ -292,7 +292,7 @@ def test_memory_time_scatter_needs_its_columns_and_a_point():
         viz.memory_time_scatter(pd.DataFrame({"recipe": ["a"], "s_per_image": [1.0], "peak_gpu_mem_gib": [None]}))
 
 
-# --- tradeoff_scatter and SortableTable ------------------------------------------------------------
+# --- tradeoff_scatter ------------------------------------------------------------
 
 
 def _tradeoff_frame():
@@ -317,24 +317,3 @@ def test_tradeoff_scatter_colours_by_error_and_rings_the_front():
     assert ax.get_xscale() == "log" and fig.axes[1].get_ylabel().startswith("sqnr_db")
     with pytest.raises(ValueError, match="No column 'ssim'"):
         viz.tradeoff_scatter(frame, "peak_mem_gib", "s_per_image", "ssim", front)
-
-
-def test_sortable_table_resorts_when_its_widgets_change():
-    frame = _tradeoff_frame().assign(psnr_db=[np.inf, 35.0, np.nan, 28.0])
-    table = viz.SortableTable(frame, sort_by="peak_mem_gib")
-
-    def order():
-        html = table.html.value
-        return sorted(frame.recipe, key=lambda name: html.index(f"<td>{name}</td>"))
-
-    assert order() == ["int4", "int8", "slow", "bf16"]
-    table.direction.value = "descending"
-    assert order() == ["bf16", "slow", "int8", "int4"]
-    table.sort_by.value = "psnr_db"  # missing values go last, whichever the direction
-    assert order() == ["bf16", "int8", "slow", "int4"]
-    table.direction.value = "ascending"
-    assert order() == ["slow", "int8", "bf16", "int4"]
-    assert table.sorted.recipe.tolist() == order()
-    assert list(table.sort_by.options) == list(frame.columns)
-    with pytest.raises(ValueError, match="at least one row"):
-        viz.SortableTable(frame.iloc[:0])
