@@ -38,7 +38,7 @@ test: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
-# The Colab copies of the chapters (colab/), regenerated from notebooks/; tests/test_colab.py checks they are current.
+# The Colab copies of the chapters (colab/), regenerated from notebooks/; tests/test_lab_colab.py checks they are current.
 colab: $(STAMP)
 	$(PY) -m quantlab.lab.colab
 

@@ -18,13 +18,22 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from quantlab import colab, course
+from quantlab import course, env, recipes
+from quantlab.lab import colab
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = course.notebook_paths()
 COPIES = [colab.COLAB_DIR / p.name for p in CHAPTERS]
 GENERATED_ROLES = ["badge", "install-md", "install", "gpu-md", "gpu", "login-md", "login", "model-md", "model"]
-T4_ROLES = ["t4-md", "t4-recipes", "t4-plan-md", "t4-plan", "t4-run-md", "t4-run", "t4-check"]
+
+
+def t4_roles(stem: str) -> list[str]:
+    """The roles of a copy's last section: its introduction, the GPU check, then each recipe's cells."""
+    roles = ["t4-md", "t4-check-gpu"]
+    for name in colab.CHAPTER_T4[stem][0]:
+        parts = [f"t4-{name}-part{n}" for n in range(1, len(recipes.get_recipe(name).script) + 1)]
+        roles += [f"t4-{name}-md", f"t4-{name}-settings", *parts, f"t4-{name}-result", f"t4-{name}-free"]
+    return roles
 
 
 def read(path: Path):
@@ -104,8 +113,9 @@ def test_layout_preamble_chapter_then_t4_section(path):
     nbformat.validate(nb)
     roles = [role(c) for c in nb.cells]
     assert roles[:len(GENERATED_ROLES)] == GENERATED_ROLES
-    assert roles[-len(T4_ROLES):] == T4_ROLES
-    assert all(r is None for r in roles[len(GENERATED_ROLES):-len(T4_ROLES)])
+    t4 = t4_roles(path.stem)
+    assert roles[-len(t4):] == t4
+    assert all(r is None for r in roles[len(GENERATED_ROLES):-len(t4)])
     assert nb.metadata["accelerator"] == "GPU" and nb.metadata["colab"]["gpuType"] == "T4"
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.outputs == [] and c.execution_count is None for c in code), "outputs stay empty"
@@ -125,7 +135,7 @@ def test_badge_is_built_from_the_repo_constant(path):
 
 def test_the_repo_is_named_in_one_place():
     """Only the REPO constant spells the repository; everything else is built from it."""
-    source = (ROOT / "quantlab" / "colab.py").read_text()
+    source = (ROOT / "quantlab" / "lab" / "colab.py").read_text()
     assert source.count(colab.REPO) == 1
 
 
@@ -225,7 +235,7 @@ def test_install_cell_keeps_a_compatible_colab_torch(monkeypatch):
     assert exit is None
     pins, quantlab = pip_commands(commands)
     assert pins[0] == "torch==2.12.0+cu126", "naming the installed torch keeps pip from replacing it"
-    assert sorted(pins[1:8]) == sorted(set(pyproject_pins()) - {"torch==2.13.0"})
+    assert sorted(pins[1:len(pyproject_pins())]) == sorted(set(pyproject_pins()) - {"torch==2.13.0"})
     assert not any("--index-url" in c for c in pip_commands(commands))
     assert quantlab == ["--no-deps", "-e", colab.CHECKOUT]
     assert ["git", "clone", "--depth", "1", f"https://github.com/{colab.REPO}", colab.CHECKOUT] in commands
@@ -238,7 +248,7 @@ def test_install_cell_replaces_an_incompatible_torch_and_asks_for_a_restart(monk
     torch_install, pins, quantlab = pip_commands(commands)
     assert torch_install == ["torch==2.13.0", "torchvision", "--index-url", colab.TORCH_INDEX_URL]
     assert colab.TORCH_INDEX_URL.startswith("https://download.pytorch.org/whl/cu12")
-    assert sorted(pins[:7]) == sorted(set(pyproject_pins()) - {"torch==2.13.0"})
+    assert sorted(pins[:len(pyproject_pins()) - 1]) == sorted(set(pyproject_pins()) - {"torch==2.13.0"})
     assert quantlab == ["--no-deps", "-e", colab.CHECKOUT]
     # it says what it installs and from where before doing it, and stops with the restart instruction
     assert f"Installing torch==2.13.0 and a torchvision built for it from {colab.TORCH_INDEX_URL}" in printed
@@ -381,148 +391,44 @@ def test_chapter_cells_are_otherwise_unchanged(path):
 
 
 @pytest.mark.parametrize("path", COPIES, ids=lambda p: p.name)
-def test_t4_section(path):
+def test_t4_section_is_the_recipes_whole_scripts_one_part_a_cell(path):
     nb = read(path)
     assert generated(nb, "t4-md").source.startswith("## FLUX.1-dev on this T4")
-    recipes = generated(nb, "t4-recipes").source
-    assert f'T4_CHAPTER = ql.lowram.CHAPTER_RECIPES["{path.stem}"]' in recipes
-    assert "ql.lowram.COLAB_RECIPES[name].code" in recipes
-    plan = generated(nb, "t4-plan").source
-    assert plan.index("torch.cuda.is_available()") < plan.index("ql.lowram.check_colab_recipe(")
-    assert "dtype=torch.float16" in plan and "recipe.t4_size" in plan and "ql.lowram.t4_estimate(" in plan
-    run = generated(nb, "t4-run").source
-    assert "ql.lowram.generate(FULL_MODEL, name, T4_PROMPT, height=FULL_HEIGHT, width=FULL_WIDTH, steps=steps" in run
-    assert "ql.viz.image_grid" in run
-    check = generated(nb, "t4-check").source
-    assert "<= T4_GPU_GIB" in check and "<= T4_HOST_RAM_GIB" in check
-    for cell in (recipes, plan, run, check):
-        ast.parse(cell)
+    names, reason = colab.CHAPTER_T4[path.stem]
+    assert reason and names
+    for name in names:
+        recipe = recipes.get_recipe(name)
+        settings = generated(nb, f"t4-{name}-settings").source
+        assert 'DEVICE, DTYPE = "cuda", torch.float16' in settings and "MAX_SEQUENCE_LENGTH = " in settings
+        assert "PROMPT = ql.get_model(FULL_MODEL).prompt" in settings
+        parts = [generated(nb, f"t4-{name}-part{n}").source for n in range(1, len(recipe.script) + 1)]
+        assert parts == [(recipes.SCRIPTS_DIR / part).read_text().strip() for part in recipe.script]
+        result = generated(nb, f"t4-{name}-result").source
+        assert f"<= {env.COLAB_T4_GPU_GIB:g}" in result
+        for cell in (settings, *parts, result):
+            ast.parse(cell)
 
 
-def fake_lowram(monkeypatch, stem: str, recipes: dict[str, int], generate=None):
-    """A stand-in for quantlab.lowram with `recipes` (name -> the size measured to fit a T4) for chapter `stem`."""
-    import quantlab as ql
-
-    def check_colab_recipe(name, device="cuda", dtype=None, model=None):
-        if name == "needs-more":
-            raise ql.UnsupportedHardwareError("needs-more needs compute capability 8.9.")
-        return types.SimpleNamespace(name=name, t4_size=recipes[name])
-
-    fake = types.ModuleType("quantlab.lowram")
-    fake.T4_VRAM_GIB, fake.COLAB_HOST_LIMIT_GIB = 15.0, 12.0
-    fake.CHAPTER_RECIPES = {stem: types.SimpleNamespace(recipes=tuple(recipes), reason="they fit a T4")}
-    fake.COLAB_RECIPES = {name: types.SimpleNamespace(code=f"pipe = ...  # {name}\n") for name in recipes}
-    fake.check_colab_recipe = check_colab_recipe
-    fake.t4_estimate = lambda name, height, width: f"{name} at {height}x{width} on a T4, estimated: 3.0 s per step"
-    fake.generate = generate or (lambda *a, **k: pytest.fail("generate must not run here"))
-    monkeypatch.setitem(sys.modules, "quantlab.lowram", fake)
-    monkeypatch.setattr(ql, "lowram", fake, raising=False)
-    return fake
+def test_every_chapter_names_t4_recipes_with_a_whole_script():
+    assert set(colab.CHAPTER_T4) == {path.stem for path in CHAPTERS}
+    for names, _ in colab.CHAPTER_T4.values():
+        assert all(recipes.get_recipe(name).script for name in names)
 
 
-def run_t4_section(nb, namespace: dict) -> None:
-    """Run the last section's code cells in order in `namespace` (what they print goes to capsys)."""
-    for name in ("t4-recipes", "t4-plan", "t4-run", "t4-check"):
-        exec(generated(nb, name).source, namespace)
-
-
-def test_t4_section_skips_without_a_gpu(monkeypatch, capsys):
-    """The section's cells, run in order with a stand-in for quantlab.lowram: on a CPU they skip, saying why."""
+def test_t4_section_stops_without_a_gpu(monkeypatch, capsys):
+    """Run on a CPU, the section says why it skips, and its recipe cells refuse to start."""
     import torch
 
     import quantlab as ql
 
-    fake_lowram(monkeypatch, CHAPTERS[1].stem, {"nf4-offload": 1024})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    namespace = {"ql": ql, "torch": torch, "FULL_MODEL": colab.SCHNELL, "PROMPT": "a red circle", "SEED": 0,
-                 "FULL_HEIGHT": 512, "FULL_WIDTH": 512, "FULL_STEPS": 0}
-    run_t4_section(read(colab.COLAB_DIR / CHAPTERS[1].name), namespace)
-    printed = capsys.readouterr().out
-    assert "This chapter runs nf4-offload: they fit a T4." in printed
-    assert "# ---- nf4-offload ----\npipe = ...  # nf4-offload" in printed
-    assert "Skipped: this runtime has no CUDA GPU" in printed and "Not run: this runtime has no CUDA GPU" in printed
-    assert namespace["t4_results"] == {} and namespace["T4_RUN"] == []
-
-
-def test_t4_section_on_a_t4_checks_then_generates(monkeypatch, capsys):
-    """On a (faked) T4 the section checks each recipe, calls generate with the T4 parameters, shows the images and
-    checks the peaks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from PIL import Image
-
-    import quantlab as ql
-
-    fake_t4(monkeypatch, patch_torch=False)
-    calls = []
-
-    def generate(model, recipe, prompt, *, height, width, steps, seed):
-        calls.append((model, recipe, prompt, height, width, steps, seed))
-        return types.SimpleNamespace(image=Image.new("RGB", (width, height)), peak_gpu_reserved_gib=6.9,
-                                     peak_host_rss_gib=10.2, peak_host_anon_gib=4.1, s_per_step=2.5, load_s=95.0)
-
-    fake_lowram(monkeypatch, CHAPTERS[1].stem, {"nf4-offload": 1024, "int8": 512, "needs-more": 1024}, generate)
-    torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: True), float16="fp16")
-    namespace = {"ql": ql, "torch": torch, "FULL_MODEL": colab.DEV, "PROMPT": "a red circle", "SEED": 7,
-                 "FULL_HEIGHT": 1024, "FULL_WIDTH": 1024, "FULL_STEPS": 0}
-    run_t4_section(read(colab.COLAB_DIR / CHAPTERS[1].name), namespace)
-    printed = capsys.readouterr().out
-    assert "Tesla T4 (cc 7.5): 14.6 of 14.7 GiB free; host RAM 11.0 of 12.7 GiB available" in printed
-    assert "nf4-offload: runs here. Measured to fit a T4 up to 1024×1024; 1024×1024 fits." in printed
-    assert "int8: runs here. Measured to fit a T4 up to 512×512; 1024×1024 is larger than that" in printed
-    assert "nf4-offload at 1024x1024 on a T4, estimated: 3.0 s per step" in printed
-    assert "needs-more: does not run here. needs-more needs compute capability 8.9." in printed
-    assert calls == [(colab.DEV, recipe, "a red circle", 1024, 1024, 28, 7) for recipe in ("nf4-offload", "int8")]
-    assert "peak GPU 6.9 of 15 GiB, peak host RSS 10.2 GiB (anonymous 4.1) of 12 GiB" in printed
-    assert "2 recipe(s) within the T4's limits." in printed
-
-
-def test_the_real_lowram_has_what_the_cells_use():
-    """The cells' contract with quantlab.lowram, checked against the module itself where it exists."""
-    import dataclasses
-    import inspect
-
-    lowram = pytest.importorskip("quantlab.lowram")
-    assert (colab.T4_GPU_GIB, colab.T4_HOST_RAM_GIB) == (lowram.T4_VRAM_GIB, lowram.COLAB_HOST_LIMIT_GIB)
-    default_size = {name: int(value) for name, value, _ in colab.FULL_PARAMETERS}
-    for path in CHAPTERS:
-        chapter = lowram.CHAPTER_RECIPES[path.stem]
-        assert chapter.recipes and chapter.reason, path.stem
-        for name in chapter.recipes:
-            recipe = lowram.COLAB_RECIPES[name]
-            assert "import torch" in recipe.code
-            assert max(default_size["FULL_HEIGHT"], default_size["FULL_WIDTH"]) <= recipe.t4_size, (
-                f"{name} was measured to fit a T4 up to {recipe.t4_size}: the default size must not exceed it")
-    generate = inspect.signature(lowram.generate).parameters
-    assert list(generate)[:3] == ["model", "recipe", "prompt"]
-    assert all(generate[k].kind is inspect.Parameter.KEYWORD_ONLY for k in ("height", "width", "steps", "seed"))
-    fields = {f.name for f in dataclasses.fields(lowram.LowRamResult)}
-    assert {"image", "peak_gpu_reserved_gib", "peak_host_rss_gib", "peak_host_anon_gib", "s_per_step",
-            "load_s"} <= fields
-    assert {"device", "dtype", "model"} <= set(inspect.signature(lowram.check_colab_recipe).parameters)
-    estimate = lowram.t4_estimate(lowram.CHAPTER_RECIPES[CHAPTERS[0].stem].recipes[0], height=512, width=512)
-    assert estimate.s_per_step > 0 and "estimated" in str(estimate)
-
-
-def test_t4_section_checks_measured_peaks(monkeypatch, capsys):
-    """With a (faked) GPU, results within the limits pass the check cell and results over them fail it."""
-    import quantlab as ql
-    from PIL import Image
-
     nb = read(colab.COLAB_DIR / CHAPTERS[1].name)
-
-    def result(gpu, anon):
-        return types.SimpleNamespace(image=Image.new("RGB", (512, 512)), peak_gpu_reserved_gib=gpu,
-                                     peak_host_rss_gib=anon + 1, peak_host_anon_gib=anon, s_per_step=1.5, load_s=60.0)
-
-    namespace = {"ql": ql, "T4_GPU_GIB": 15.0, "T4_HOST_RAM_GIB": 12.0, "FULL_WIDTH": 512, "FULL_HEIGHT": 512,
-                 "T4_SKIP": None, "t4_results": {"nf4-offload": result(9.8, 7.5)}}
-    exec(generated(nb, "t4-check").source, namespace)
-    assert "1 recipe(s) within the T4's limits." in capsys.readouterr().out
-    namespace["t4_results"] = {"bf16": result(9.8, 23.0)}
-    with pytest.raises(AssertionError, match="bf16: 23.0 GiB of host RAM"):
-        exec(generated(nb, "t4-check").source, namespace)
+    namespace = {"ql": ql, "torch": torch, "FULL_MODEL": colab.SCHNELL}
+    exec(generated(nb, "t4-check-gpu").source, namespace)
+    assert "Skipped: this runtime has no CUDA GPU" in capsys.readouterr().out and namespace["T4_READY"] is False
+    name = colab.CHAPTER_T4[CHAPTERS[1].stem][0][0]
+    with pytest.raises(AssertionError, match="need a CUDA GPU"):
+        exec(generated(nb, f"t4-{name}-settings").source, namespace)
 
 
 # -- README -------------------------------------------------------------------------------------------
@@ -532,4 +438,4 @@ def test_readme_links_every_copy():
     text = (colab.COLAB_DIR / "README.md").read_text()
     for path in CHAPTERS:
         assert f"({colab.colab_url(path.name)})" in text
-    assert "quantlab/colab.py" in text and "`REPO`" in text and "make colab" in text
+    assert "quantlab/lab/colab.py" in text and "`REPO`" in text and "make colab" in text
