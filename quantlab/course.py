@@ -13,6 +13,7 @@ chapter ran (device, status, seconds, stderr lines, the first error) to `build/c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -35,6 +36,21 @@ def notebook_paths(folder: str | os.PathLike = REPO / "notebooks") -> list[Path]
     return sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))
 
 
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set environment variables for the notebooks' kernels, and put back what was there after."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run_notebook(notebook: Path, out_dir: Path, parameters: dict | None = None, run_dir: Path | None = None) -> float:
     """Execute `notebook` with papermill into `out_dir`; return the seconds it took.
 
@@ -43,13 +59,12 @@ def run_notebook(notebook: Path, out_dir: Path, parameters: dict | None = None, 
     import papermill
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if run_dir is not None:
-        os.environ["QUANTLAB_RUN_DIR"] = str(run_dir)
     start = time.perf_counter()
-    papermill.execute_notebook(
-        str(notebook), str(out_dir / notebook.name), parameters=parameters or {}, cwd=str(notebook.parent),
-        kernel_name="python3", progress_bar=False,
-    )
+    with _environment(**({"QUANTLAB_RUN_DIR": str(run_dir)} if run_dir is not None else {})):
+        papermill.execute_notebook(
+            str(notebook), str(out_dir / notebook.name), parameters=parameters or {}, cwd=str(notebook.parent),
+            kernel_name="python3", progress_bar=False,
+        )
     seconds = time.perf_counter() - start
     if seconds < 1.0:
         raise RuntimeError(f"{notebook.name} ran in {seconds:.2f} s: it cannot have done its work.")
@@ -156,24 +171,24 @@ def main(argv: list[str] | None = None) -> int:
     models.get_model(args.model)  # an unknown name fails here, before any notebook starts
 
     out = Path(args.out).resolve()
-    os.environ["QUANTLAB_MODEL"] = args.model
     paths = [Path(p) for p in args.notebooks] if args.notebooks else notebook_paths()
     total = time.perf_counter()
     chapters = []
-    for path in paths:
-        print(f"running {path.name} on {args.model} ...", flush=True)
-        started, error = time.perf_counter(), None
-        try:
-            seconds = run_notebook(path, out / "notebooks", {"MODEL": args.model}, run_dir=out)
-        except Exception as failure:  # papermill's error names the cell; the executed copy holds the traceback
-            error, seconds = failure, time.perf_counter() - started
-        row = chapter_row(path, out / "notebooks", args.model, seconds, error)
-        chapters.append(row)
-        measure.save_rows(chapters, out / "course.json")
-        print(f"  {row.extra['status']} in {seconds:.1f} s, {row.extra['stderr_lines']} lines on stderr"
-              + (f": {row.extra['first_error']}" if error else ""), flush=True)
-        if error is not None and not args.keep_going:
-            raise error
+    with _environment(QUANTLAB_MODEL=args.model):  # the kernels read it; put back afterwards
+        for path in paths:
+            print(f"running {path.name} on {args.model} ...", flush=True)
+            started, error = time.perf_counter(), None
+            try:
+                seconds = run_notebook(path, out / "notebooks", {"MODEL": args.model}, run_dir=out)
+            except Exception as failure:  # papermill's error names the cell; the executed copy holds the traceback
+                error, seconds = failure, time.perf_counter() - started
+            row = chapter_row(path, out / "notebooks", args.model, seconds, error)
+            chapters.append(row)
+            measure.save_rows(chapters, out / "course.json")
+            print(f"  {row.extra['status']} in {seconds:.1f} s, {row.extra['stderr_lines']} lines on stderr"
+                  + (f": {row.extra['first_error']}" if error else ""), flush=True)
+            if error is not None and not args.keep_going:
+                raise error
     summary = write_summary(out)
     print("\n" + comparison_summary(out))
     print(f"\nThe course ran in {time.perf_counter() - total:.0f} s on model {args.model!r}.")

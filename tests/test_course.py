@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 import pytest
 
@@ -102,8 +104,11 @@ def test_a_chapters_run_is_a_row_with_its_stderr_lines_and_first_error(tmp_path)
 
 def test_keep_going_runs_every_chapter_and_records_each(tmp_path, monkeypatch):
     paths = [tmp_path / "00_a.ipynb", tmp_path / "01_b.ipynb"]
+    monkeypatch.setenv("QUANTLAB_MODEL", "mini")
+    seen = []
 
     def run(path, out_dir, parameters, run_dir=None):
+        seen.append(os.environ["QUANTLAB_MODEL"])
         if path.name == "00_a.ipynb":
             raise RuntimeError("cell 2 failed")
         return 4.0
@@ -115,5 +120,6 @@ def test_keep_going_runs_every_chapter_and_records_each(tmp_path, monkeypatch):
     rows = ql.measure.load_rows(out / "course.json")
     assert [(r.recipe, r.extra["status"]) for r in rows] == [("00_a", "failed"), ("01_b", "ran")]
     assert rows[0].extra["first_error"] == "RuntimeError: cell 2 failed" and rows[1].extra["seconds"] == 4.0
+    assert seen == ["tiny", "tiny"] and os.environ["QUANTLAB_MODEL"] == "mini"  # the chapters' model, then put back
     with pytest.raises(RuntimeError, match="cell 2 failed"):  # without it, the first failure stops the run
         course.main(["--model", "tiny", "--out", str(tmp_path / "again")])

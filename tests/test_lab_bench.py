@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -56,7 +57,8 @@ def test_gguf_recipes_write_their_file_once_and_record_its_size(tmp_path):
     argv = ["--model", "tiny", "--recipes", "gguf-q4_0", "--steps", "2", "--repeats", "1", "--warmup-steps", "1",
             "--gguf-dir", str(tmp_path / "files"), "--out", str(out)]
     bench.main(argv)
-    written = tmp_path / "files" / "tiny-Q4_0.gguf"
+    # named after the model's build folder, so a rebuilt tiny model never reuses a stale file
+    written = tmp_path / "files" / f"{Path(ql.models.model_path('tiny')).name}-Q4_0.gguf"
     (row,) = ql.measure.load_rows(out)
     assert row.recipe == "gguf-q4_0" and row.extra["gguf_file_bytes"] == written.stat().st_size
     assert row.extra["gguf_write_params_per_s"] > 0
@@ -91,3 +93,13 @@ def test_the_runner_records_a_failure_and_goes_on_keeping_earlier_rows(tmp_path)
 def test_the_runner_refuses_two_scenarios_of_one_name(tmp_path):
     with pytest.raises(ValueError, match="share a name"):
         runner.run_scenarios([runner.Scenario("a", lambda: None)] * 2, tmp_path / "x.json", model="tiny")
+
+
+def test_quantize_and_compare_orders_the_types_by_error(tiny_path):
+    # chapter 04's GPU check (results/04_quanto_gpu_checks.json): Quanto's quantize()+freeze(), one row per type
+    int8, int4 = (bench.quantize_and_compare("tiny", weights, device="cpu", height=64, width=64, text_tokens=8,
+                                             repeats=1) for weights in ("int8", "int4"))
+    assert (int8.recipe, int4.recipe) == ("quanto-int8 direct quantize+freeze", "quanto-int4 direct quantize+freeze")
+    assert int8.extra["transformer_sqnr_db"] > int4.extra["transformer_sqnr_db"] > 5
+    assert int8.extra["output_finite"] and int4.weights_bytes < int8.weights_bytes
+    assert int8.extra["weight_tensor_types"] == {"WeightQBytesTensor qint8": 62}

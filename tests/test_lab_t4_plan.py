@@ -38,11 +38,17 @@ def test_the_simulated_t4_ran_every_colab_recipe_within_the_limits():
             assert row.device.startswith("NVIDIA H100") and row.versions["bitsandbytes"] == "0.50.2"
     save = [r for r in rows if r.recipe == "nf4-prequantized:save"]
     assert len(save) == 1 and save[0].extra["peak_host_anon_gib"] < 12
-    # every recipe a chapter's Colab copy runs was run on the simulated T4, and the copy says how it did
+    # every recipe a chapter's Colab copy runs was run on the simulated T4, and the copy says how it did; the two
+    # added with chapters 02 and 04's Colab copies have no simulated-T4 row yet (no GPU time), and the copy says so
+    not_simulated = {"gguf-q4_k-encode-then-free", "quanto-int8-encode-then-free"}
     for stem, (names, _) in colab.CHAPTER_T4.items():
         for name in names:
-            assert any(r.recipe == name for r in rows), (stem, name)
-            assert colab.t4_verdict(name).startswith(("fitted the simulated T4", "did not fit")), (stem, name)
+            measured = any(r.recipe == name for r in rows)
+            assert measured == (name not in not_simulated), (stem, name)
+            verdict = colab.t4_verdict(name)
+            expected = ("not measured on the simulated T4 yet",) if name in not_simulated else (
+                "fitted the simulated T4", "did not fit")
+            assert verdict.startswith(expected), (stem, name, verdict)
 
 
 def test_colab_weights_match_the_simulated_t4():

@@ -55,13 +55,3 @@ def test_unknown_kernel_extension_names_the_ones_there_are():
     with pytest.raises(ValueError, match="quanto has no 'quanto_nope' kernels") as error:
         ql.quanto.load_kernels("quanto_nope")
     assert "quanto_cpp" in str(error.value)
-
-
-def test_quantize_and_compare_orders_the_types_by_error(tiny_path):
-    rows = ql.quanto.quantize_and_compare("tiny", ("int8", "int4"), device="cpu", height=64, width=64, text_tokens=8,
-                                          repeats=1)
-    int8, int4 = rows
-    assert (int8.recipe, int4.recipe) == ("quanto-int8 direct quantize+freeze", "quanto-int4 direct quantize+freeze")
-    assert int8.extra["transformer_sqnr_db"] > int4.extra["transformer_sqnr_db"] > 5
-    assert int8.extra["output_finite"] and int4.weights_bytes < int8.weights_bytes
-    assert int8.extra["weight_tensor_types"] == {"WeightQBytesTensor qint8": 62}

@@ -60,11 +60,19 @@ def test_quantization_config_classes(name):
 
     recipe = RECIPES[name]
     config = recipe.quantization_config(torch.bfloat16)
-    if recipe.backend in ("none", "layerwise", "gguf"):
+    if recipe.backend in ("none", "layerwise", "gguf") or recipe.checkpoint:  # a checkpoint carries its own
         assert config is None
         return
     assert type(config) is diffusers.PipelineQuantizationConfig
     mapping = config.quant_mapping
+    if recipe.backend in ("sdnq", "modelopt"):  # chapter 08: the transformer alone, quantized while it loads
+        assert set(mapping) == {"transformer"}
+        # diffusers.SDNQConfig is a factory that returns sdnq's own config class
+        expected = "sdnq.quantizer.SDNQConfig" if recipe.backend == "sdnq" else \
+            "diffusers.quantizers.quantization_config.NVIDIAModelOptConfig"
+        config_class = type(mapping["transformer"])
+        assert f"{config_class.__module__}.{config_class.__name__}" == expected
+        return
     if recipe.low_ram is not None and recipe.storage[1] == "16bit":  # T5 encodes first in fp16, then is freed
         assert set(mapping) == {"transformer"}
         return
