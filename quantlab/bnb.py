@@ -20,7 +20,6 @@ __all__ = [
     "DIFFUSERS_PATH",
     "CPU_MODULES_PATH",
     "load_transformer",
-    "load_text_encoder",
     "quantize_modules",
     "dequantize_modules",
     "quantize_linear",
@@ -37,7 +36,7 @@ CPU_MODULES_PATH = ("bitsandbytes Linear8bitLt/Linear4bit on the CPU, swapped in
 
 @dataclass
 class LoadedModel:
-    """A quantized model and a plain-words record of which code path produced it."""
+    """A quantized model and a plain-words record of which code path produced it. Chapter 01."""
 
     model: torch.nn.Module
     path: str
@@ -52,7 +51,7 @@ def quantize_modules(model: torch.nn.Module, config, device: str = "cpu") -> tor
     """Quantize `model`'s Linear layers in place with bitsandbytes, as diffusers' loader would.
 
     `config` is diffusers' (or transformers') `BitsAndBytesConfig`. Modules named in
-    `llm_int8_skip_modules` stay as they are.
+    `llm_int8_skip_modules` stay as they are. Chapter 01.
     """
     import bitsandbytes as bnb
     from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
@@ -91,7 +90,7 @@ def dequantize_modules(model: torch.nn.Module) -> torch.nn.Module:
     """Replace every bitsandbytes Linear in `model` with an `nn.Linear` holding the dequantized weight.
 
     Models loaded by diffusers get `model.dequantize()`; models quantized by `quantize_modules` go
-    through the same function diffusers calls inside it, `dequantize_and_replace`.
+    through the same function diffusers calls inside it, `dequantize_and_replace`. Chapter 01.
     """
     if getattr(model, "hf_quantizer", None) is not None:
         return model.dequantize()
@@ -107,7 +106,8 @@ def dequantize_modules(model: torch.nn.Module) -> torch.nn.Module:
 
 def load_transformer(path: str, config, dtype: torch.dtype, device: str, subfolder: str = "transformer"
                      ) -> LoadedModel:
-    """A bitsandbytes-quantized `FluxTransformer2DModel`: diffusers' path on CUDA, `quantize_modules` on a CPU."""
+    """A bitsandbytes-quantized `FluxTransformer2DModel`: diffusers' path on CUDA, `quantize_modules` on a CPU.
+    Chapter 01."""
     from diffusers import FluxTransformer2DModel
 
     if torch.device(device).type == "cuda":
@@ -119,33 +119,22 @@ def load_transformer(path: str, config, dtype: torch.dtype, device: str, subfold
     return LoadedModel(quantize_modules(model, config, device), CPU_MODULES_PATH)
 
 
-def load_text_encoder(path: str, config, dtype: torch.dtype, device: str, subfolder: str = "text_encoder_2"
-                      ) -> LoadedModel:
-    """A bitsandbytes-quantized T5 encoder through transformers, which accepts bitsandbytes on a CPU too."""
-    from transformers import T5EncoderModel
-
-    model = T5EncoderModel.from_pretrained(
-        path, subfolder=subfolder, quantization_config=config, dtype=dtype, device_map={"": device}
-    )
-    return LoadedModel(model, f"transformers from_pretrained(quantization_config=BitsAndBytesConfig(...)) on {device}")
-
-
 def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every bitsandbytes Linear (8-bit or 4-bit) in `model`, by name."""
+    """Every bitsandbytes Linear (8-bit or 4-bit) in `model`, by name. Chapter 01."""
     import bitsandbytes as bnb
 
     return {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))}
 
 
 def quantize_linear(linear: torch.nn.Linear, config, device: str | None = None) -> torch.nn.Module:
-    """A quantized copy of one `nn.Linear`, for measuring that layer's own error."""
+    """A quantized copy of one `nn.Linear`, for measuring that layer's own error. Chapter 01 (exercise 2)."""
     holder = torch.nn.Module()
     holder.layer = copy.deepcopy(linear)
     return quantize_modules(holder, config, device or str(linear.weight.device)).layer
 
 
 def code_values(quant_type: str) -> torch.Tensor:
-    """The 16 values a 4-bit code can stand for ('nf4' or 'fp4'), before scaling by the block's absmax."""
+    """The 16 values a 4-bit code can stand for ('nf4' or 'fp4'), before scaling by the block's absmax. Chapter 01."""
     from bitsandbytes.functional import get_4bit_type
 
     if quant_type not in ("nf4", "fp4"):
@@ -156,7 +145,7 @@ def code_values(quant_type: str) -> torch.Tensor:
 def outlier_column_fraction(activations: torch.Tensor, threshold: float) -> float:
     """Fraction of feature columns (last dimension) in which some value exceeds `threshold` in magnitude.
 
-    LLM.int8() multiplies those columns in 16-bit and the rest in int8.
+    LLM.int8() multiplies those columns in 16-bit and the rest in int8. Chapter 01.
     """
     columns = activations.reshape(-1, activations.shape[-1]).abs().amax(dim=0)
     return float((columns > threshold).float().mean())
@@ -165,7 +154,8 @@ def outlier_column_fraction(activations: torch.Tensor, threshold: float) -> floa
 def layer_errors(model: torch.nn.Module, linear_inputs: dict[str, torch.Tensor], config) -> list[dict]:
     """Each Linear's own relative output error when only that layer is quantized with `config`.
 
-    `linear_inputs` holds each layer's real input (from `ql.quality.capture_linear_inputs`).
+    `linear_inputs` holds each layer's real input (from `ql.quality.capture_linear_inputs`). Chapter 01
+    (exercise 2).
     """
     from . import quality
 

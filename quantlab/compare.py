@@ -59,7 +59,7 @@ BLOG_PROMPTS = {
 def default_prompts(model: str | None = None) -> dict[str, str]:
     """The comparison's prompts, {label: prompt}: three held-out shape captions for the mini model, which draws only
     those (labelled by what they ask for, "red square, bottom right"), and the blog's three style prompts for every
-    other model."""
+    other model. Chapter 07."""
     if models.get_model(model).trained:
         captions = shapes.held_out_captions(3)
         scenes = [shapes.parse_caption(caption) for caption in captions]
@@ -120,7 +120,8 @@ PRIORITIES = ("memory", "speed", "quality")
 
 @dataclass
 class Reference:
-    """What every recipe is compared with: the bf16 images, and the bf16 transformer's output on fixed inputs."""
+    """What every recipe is compared with: the bf16 images, and the bf16 transformer's output on fixed inputs.
+    Chapter 07."""
 
     prompts: list[str]
     images: list  # one per prompt, as uint8 arrays
@@ -157,7 +158,8 @@ class Reference:
 
 @dataclass
 class Comparison:
-    """What `run_comparison` returns: one row per recipe, each recipe's images (one per prompt), the reference."""
+    """What `run_comparison` returns: one row per recipe, each recipe's images (one per prompt), the reference.
+    Chapter 07."""
 
     rows: list[measure.Measurement]
     images: dict[str, list]
@@ -173,7 +175,7 @@ class Comparison:
 
 def comparison_recipes(device: str | env.DeviceInfo | None = None,
                        candidates: Sequence[str] = CANDIDATE_RECIPES) -> tuple[list[str], dict[str, str]]:
-    """The candidates that run on `device`, and for each other one why it does not."""
+    """The candidates that run on `device`, and for each other one why it does not. Chapter 07."""
     info = device if isinstance(device, env.DeviceInfo) else env.device_info(device)
     reasons = {name: recipes.why_not_here(name, info, env.default_dtype(info)) for name in candidates}
     return [name for name, why in reasons.items() if why is None], {n: why for n, why in reasons.items() if why}
@@ -183,7 +185,7 @@ def transformer_output(pipe, inputs: dict[str, Any]) -> torch.Tensor:
     """`pipe.transformer(**inputs)` on the pipeline's device, returned as float32 on the CPU.
 
     `inputs` are in the pipeline's dtype (`quality.capture_transformer_inputs` took them from a
-    pipeline). Offloading hooks move the weights in as usual; only the inputs are placed here.
+    pipeline). Offloading hooks move the weights in as usual; only the inputs are placed here. Chapter 07.
     """
     device = pipe._execution_device
     with torch.no_grad():
@@ -193,7 +195,8 @@ def transformer_output(pipe, inputs: dict[str, Any]) -> torch.Tensor:
 
 
 def make_reference(pipe, prompts: Sequence[str], images: Sequence, call: dict[str, Any], seed: int = 0) -> Reference:
-    """The reference from a bf16 pipeline: its `images`, and its transformer's output on the inputs of prompt 0."""
+    """The reference from a bf16 pipeline: its `images`, and its transformer's output on the inputs of prompt 0.
+    Chapter 07."""
     inputs = quality.capture_transformer_inputs(pipe, prompts[0], call, seed=seed)
     inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     return Reference(list(prompts), [np.asarray(image) for image in images], inputs, transformer_output(pipe, inputs))
@@ -214,7 +217,7 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
     With `accuracy_captions=n` each row also has the prompt accuracy on `n` held-out shape captions; without, on
     a trained model whose prompts are all shape captions (the mini model's default), the prompts' own images are
     scored (`accuracy[recipe]` holds them). `prompts` defaults to `default_prompts(model)`. A recipe that reads a
-    pre-quantized checkpoint (chapter 08) finds it in `checkpoints[recipe]`.
+    pre-quantized checkpoint (chapter 08) finds it in `checkpoints[recipe]`. Chapter 07.
     """
     spec = models.get_model(model)
     prompts = prompts or default_prompts(spec.name)
@@ -296,7 +299,7 @@ def comparison_table(rows):
     row also keeps its file's size in `extra.gguf_file_bytes`.
 
     On a GPU `peak_mem_gib` is the peak GPU memory (reserved); on a CPU, where there is no GPU
-    memory, it is the peak host RSS, and `peak_mem_kind` says which.
+    memory, it is the peak host RSS, and `peak_mem_kind` says which. Chapter 07.
     """
     frame = measure.to_frame(rows)
     measure.require_columns(frame, "recipe", "extra")
@@ -325,7 +328,7 @@ def pareto_front(frame, columns: Sequence[str] = ("peak_mem_gib", "s_per_image")
     """A boolean Series: True for each row that no other row beats, lower being better in every column.
 
     A row is beaten (dominated) when another is no worse in every column and better in one. Rows
-    with a missing value are never on the front.
+    with a missing value are never on the front. Chapter 07.
     """
     import pandas as pd
 
@@ -354,7 +357,7 @@ def full_scale_table(results: str = FULL_SCALE_RESULTS):
     `reserved_after_load_gib` is what the blog printed as "memory after loading":
     `torch.cuda.max_memory_reserved()` right after loading (our `extra.peak_gpu_reserved_during_load_gib`).
     `s_per_image_50_steps` is `s_per_image` for rows measured at 50 steps, and projected from the
-    median step time for the slow rows measured with fewer (`steps` says how many).
+    median step time for the slow rows measured with fewer (`steps` says how many). Chapter 07.
     """
     rows = measure.load_rows(measure.results_dir() / f"{results}.json")
     table = comparison_table(rows)
@@ -371,7 +374,7 @@ def beside_blog(table, threshold: float = 0.20):
     Columns `*_ours`, `*_blog` and `*_ratio` (ours / blog) for memory after loading, peak memory and
     seconds per 50-step image (`full_scale_table`'s columns); `ours_status` is "measured", "not run", or
     the error a failed run recorded; `differs` lists the columns where the ratio is off by more than `threshold`
-    (chapter 07 says why, one line each).
+    (chapter 07 says why, one line each). Chapter 07.
     """
     import pandas as pd
 
@@ -411,7 +414,7 @@ RECOMMENDATION_RESULTS = (FULL_SCALE_RESULTS, "05_memory_flux-dev-shaped", "02_g
 @dataclass
 class Recommendation:
     """One recommended recipe, why, its measured figures (`s_per_image` per image at the script's 28 steps), and its
-    whole script."""
+    whole script. Chapter 07."""
 
     recipe: str
     reason: str
@@ -424,7 +427,8 @@ class Recommendation:
 
 @dataclass
 class Advice:
-    """What `recommend` returns: recipes in order of the priority, and why each other measured one was left out."""
+    """What `recommend` returns: recipes in order of the priority, and why each other measured one was left out.
+    Chapter 07."""
 
     priority: str
     recommendations: list[Recommendation]
@@ -590,7 +594,7 @@ class SpotTheQuantized:
     The learner clicks the one they think is quantized; the answer is revealed and the score kept.
     `rounds` is a list of (reference image, quantized image, recipe name, prompt label), played in a
     seeded random order, the first `limit` of them. Drive it
-    with the buttons (`choice_buttons[i].click()`, `next_button.click()`), as a test does.
+    with the buttons (`choice_buttons[i].click()`, `next_button.click()`), as a test does. Chapter 07.
     """
 
     def __init__(self, rounds: Sequence[tuple[Any, Any, str, str]], seed: int = 0, limit: int | None = None,
@@ -684,7 +688,8 @@ class SpotTheQuantized:
 
 
 def quiz_rounds(comparison: Comparison, recipe_names: Sequence[str] | None = None) -> list[tuple]:
-    """Quiz rounds from a comparison: for each recipe and prompt, (bf16 image, recipe image, recipe, prompt)."""
+    """Quiz rounds from a comparison: for each recipe and prompt, (bf16 image, recipe image, recipe, prompt).
+    Chapter 07."""
     reference = comparison.images["bf16"]
     names = [n for n in (recipe_names or comparison.images) if n != "bf16"]
     return [(reference[i], comparison.images[name][i], name, label)

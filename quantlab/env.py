@@ -69,12 +69,14 @@ FP8_MIN_CC = (8, 9)
 
 
 class UnsupportedHardwareError(RuntimeError):
-    """Something needs what this device lacks (a CUDA GPU, bf16, fp8, a package, ...); raised before anything loads."""
+    """Something needs what this device lacks (a CUDA GPU, bf16, fp8, a package, ...); raised before anything loads.
+    Every chapter."""
 
 
 @dataclass(frozen=True)
 class GPU:
-    """A GPU the course meets: memory, compute capability, dense tensor-core peaks (TFLOP/s) and memory bandwidth."""
+    """A GPU the course meets: memory, compute capability, dense tensor-core peaks (TFLOP/s) and memory bandwidth.
+    Every chapter."""
 
     name: str
     memory_gib: float
@@ -107,7 +109,7 @@ COLAB_HOST_RAM_GIB = 11.8
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """One device and the number formats it can compute in."""
+    """One device and the number formats it can compute in. Every chapter."""
 
     kind: str  # "cuda" or "cpu"
     name: str
@@ -127,7 +129,7 @@ class DeviceInfo:
 
 @dataclass
 class EnvReport:
-    """Versions, device and memory, in one object that prints as a table."""
+    """Versions, device and memory, in one object that prints as a table. Every chapter."""
 
     python: str
     platform: str
@@ -167,7 +169,7 @@ class EnvReport:
 
 
 def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
-    """Installed version of each package, or 'not installed' (chapter 00)."""
+    """Installed version of each package, or 'not installed' (chapter 00). Every chapter."""
     versions = {}
     for name in packages:
         try:
@@ -178,20 +180,21 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
 
 
 def default_device() -> str:
-    """`$QUANTLAB_DEVICE` if set, else 'cuda' when a GPU is visible, else 'cpu' (every chapter)."""
+    """`$QUANTLAB_DEVICE` if set, else 'cuda' when a GPU is visible, else 'cpu' (every chapter). Every chapter."""
     return os.environ.get("QUANTLAB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def describe_gpu(name: str, compute_capability: tuple[int, int], total_memory_gib: float | None = None,
                  free_memory_gib: float | None = None) -> DeviceInfo:
-    """A CUDA GPU, present or not: the number formats it computes in follow from its compute capability."""
+    """A CUDA GPU, present or not: the number formats it computes in follow from its compute capability.
+    Every chapter."""
     cc = tuple(compute_capability)
     return DeviceInfo(kind="cuda", name=name, compute_capability=cc, bf16=cc >= BF16_MIN_CC, fp8=cc >= FP8_MIN_CC,
                       total_memory_gib=total_memory_gib, free_memory_gib=free_memory_gib)
 
 
 def device_info(device: str | None = None) -> DeviceInfo:
-    """Describe `device` (default: `default_device()`) (every chapter)."""
+    """Describe `device` (default: `default_device()`) (every chapter). Every chapter."""
     device = device or default_device()
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -214,13 +217,13 @@ def device_info(device: str | None = None) -> DeviceInfo:
 
 
 def default_dtype(info: DeviceInfo | None = None) -> torch.dtype:
-    """bf16 where the device computes in it, else fp16 (a T4, for example) (every chapter)."""
+    """bf16 where the device computes in it, else fp16 (a T4, for example) (every chapter). Every chapter."""
     info = info or device_info()
     return torch.bfloat16 if info.bf16 else torch.float16
 
 
 def host_memory_gib() -> tuple[float | None, float | None]:
-    """(total, available) host RAM in GiB, read from /proc/meminfo; (None, None) where there is none."""
+    """(total, available) host RAM in GiB, read from /proc/meminfo; (None, None) where there is none. Every chapter."""
     try:
         with open("/proc/meminfo") as f:
             fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
@@ -230,7 +233,8 @@ def host_memory_gib() -> tuple[float | None, float | None]:
 
 
 def report(device: str | None = None) -> EnvReport:
-    """One call: versions, device, compute capability, bf16 and fp8 support, and free memory (every chapter)."""
+    """One call: versions, device, compute capability, bf16 and fp8 support, and free memory (every chapter).
+    Every chapter."""
     total, available = host_memory_gib()
     return EnvReport(
         python=platform.python_version(),
@@ -243,12 +247,13 @@ def report(device: str | None = None) -> EnvReport:
 
 
 def gpu_spec(device_name: str) -> GPU | None:
-    """The entry of `GPUS` whose key the device name contains ("H100 PCIe" before "H100"), or None."""
+    """The entry of `GPUS` whose key the device name contains ("H100 PCIe" before "H100"), or None. Chapter 06."""
     return next((gpu for key, gpu in GPUS.items() if key in device_name), None)
 
 
 def peak_tflops(device_name: str, dtype: str = "bf16") -> float | None:
-    """Dense tensor-core peak of the GPU called `device_name` in `dtype` ("bf16", "fp8", "fp16"), or None (chapter 06)."""
+    """Dense tensor-core peak of the GPU called `device_name` in `dtype` ("bf16", "fp8", "fp16"), or None (chapter 06).
+    Chapter 06."""
     gpu = gpu_spec(device_name)
     return None if gpu is None else getattr(gpu, f"{dtype}_tflops")
 
@@ -263,6 +268,7 @@ class Needs:
     `cuda`: a CUDA GPU; `min_cc`/`below_cc`: a compute capability range; `fp16_only_ok`: False where bf16 is
     required; `modules`: importable Python modules (a package beyond the course's pins, or Triton); `check`: a
     function that returns why the installed software cannot do it (a version diffusers cannot drive), or None.
+    Every chapter.
     """
 
     what: str  # "bitsandbytes through diffusers", "float8 matmuls", ...
@@ -293,6 +299,7 @@ def check_hardware(name: str, needs: Iterable[Needs], device: DeviceInfo | None 
 
     With `packages` (the default) the modules and software versions a need names must be usable here too;
     `packages=False` asks about the hardware alone, for a GPU described, not present (chapter 07's advice).
+    Every chapter.
     """
     device = device or device_info()
     cc = device.compute_capability
@@ -337,6 +344,7 @@ def modelopt_problem() -> str | None:
 
     Runs diffusers' own steps on one 16×16 layer (under a second): 0.44.0 and newer fail in the config
     (`'list' object is not a mapping`); 0.39.0 to 0.43.0 leave the weights unquantized, and the first forward fails.
+    Every chapter.
     """
     if importlib.util.find_spec("modelopt") is None:
         return f"nvidia-modelopt is not installed here (pip install {MODELOPT_PIN})"
@@ -403,7 +411,7 @@ class _KnownNotices(logging.Filter):
 
 def quiet_import_notices() -> None:
     """Drop the `KNOWN_IMPORT_NOTICES` (and nothing else: an error or another warning still shows). quantlab calls
-    it when it is imported, so a chapter that imports quantlab before diffusers starts quietly."""
+    it when it is imported, so a chapter that imports quantlab before diffusers starts quietly. Every chapter."""
     for name, pattern, _why in KNOWN_IMPORT_NOTICES:
         if name == "warnings":
             warnings.filterwarnings("ignore", message=pattern)

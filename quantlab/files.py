@@ -21,7 +21,7 @@ _MARK = ".partial-"
 
 
 def partial_path(target: str | os.PathLike, pid: int | None = None) -> Path:
-    """Where `target` is written before it is complete: `.NAME.partial-PID` in the same folder."""
+    """Where `target` is written before it is complete: `.NAME.partial-PID` in the same folder. Every chapter."""
     target = Path(target)
     return target.with_name(f".{target.name}{_MARK}{os.getpid() if pid is None else pid}")
 
@@ -46,7 +46,7 @@ def _remove(path: Path) -> None:
 def remove_stale_partials(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Remove the partials in `folder` (of the target `name` only, if given) whose writer is no longer running.
 
-    Returns what was removed. A partial of a running process, this one included, is left alone.
+    Returns what was removed. A partial of a running process, this one included, is left alone. Every chapter.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -65,7 +65,7 @@ def atomic_output(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a partial path to write `target` to (a file or a folder); on success it replaces `target`.
 
     Stale partials of `target` are removed first. If the block raises, the partial is removed and
-    `target` is as it was.
+    `target` is as it was. Every chapter.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

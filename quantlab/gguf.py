@@ -62,12 +62,12 @@ _CONFIG_KEY = "quantlab.transformer_config"
 
 
 class GGUFFileError(ValueError):
-    """A GGUF file that is missing, truncated, corrupt, or for another model."""
+    """A GGUF file that is missing, truncated, corrupt, or for another model. Chapters 02, 07, 08."""
 
 
 @dataclass
 class TensorPlan:
-    """How one tensor is stored: its name, shape, GGUF type, and why that type."""
+    """How one tensor is stored: its name, shape, GGUF type, and why that type. Chapters 02, 07."""
 
     name: str
     shape: tuple[int, ...]
@@ -86,7 +86,7 @@ class TensorPlan:
 
 @dataclass
 class GGUFWriteReport:
-    """What `write_gguf` wrote: sizes, speed and the plan for every tensor."""
+    """What `write_gguf` wrote: sizes, speed and the plan for every tensor. Chapters 02, 07."""
 
     path: Path
     gguf_type: str
@@ -113,7 +113,7 @@ class GGUFWriteReport:
 
 @dataclass
 class GGUFFileInfo:
-    """What a GGUF file holds, read from its header."""
+    """What a GGUF file holds, read from its header. Chapters 02, 07, 08."""
 
     path: Path
     architecture: str | None
@@ -129,7 +129,7 @@ class GGUFFileInfo:
 
 
 def plan_tensors(shapes: dict[str, tuple[int, ...]], gguf_type: str) -> list[TensorPlan]:
-    """The GGUF type of every tensor of a state dict (name -> shape) for a file of `gguf_type`."""
+    """The GGUF type of every tensor of a state dict (name -> shape) for a file of `gguf_type`. Chapters 02, 07."""
     _check_type(gguf_type)
     block_size, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[gguf_type]]
     plans = []
@@ -154,7 +154,7 @@ def write_gguf(transformer: torch.nn.Module, path: str | os.PathLike, gguf_type:
     Tensors are quantized one at a time on `device` (default: where each weight is) and streamed
     to a partial file beside `path` (`files.atomic_output`), which replaces `path` only when complete:
     an interrupted write leaves any earlier file at `path` as it was, and the next write removes the
-    partial a killed writer left.
+    partial a killed writer left. Chapters 02, 07.
     """
     _check_type(gguf_type)
     path = Path(path)
@@ -226,7 +226,7 @@ def _check_type(gguf_type: str) -> None:
 def inspect_gguf(path: str | os.PathLike) -> GGUFFileInfo:
     """Read a GGUF file's header and tensor table.
 
-    A missing file raises `FileNotFoundError`; a truncated or corrupt one `GGUFFileError`.
+    A missing file raises `FileNotFoundError`; a truncated or corrupt one `GGUFFileError`. Chapters 02, 07, 08.
     """
     path = Path(path)
     if not path.is_file():
@@ -275,7 +275,7 @@ def check_gguf_file(path: str | os.PathLike, config: str | os.PathLike, subfolde
 
     `config` is a model folder (with `subfolder`) or a transformer folder holding `config.json`.
     Raises `FileNotFoundError` for a missing file or config and `GGUFFileError` for a truncated,
-    corrupt or mismatched file, naming the file and the problem.
+    corrupt or mismatched file, naming the file and the problem. Chapter 02.
     """
     config_folder = _config_folder(config, subfolder)
     info = inspect_gguf(path)
@@ -284,7 +284,8 @@ def check_gguf_file(path: str | os.PathLike, config: str | os.PathLike, subfolde
 
 
 def check_architecture(info: GGUFFileInfo, config_folder: str | os.PathLike) -> None:
-    """Raise `GGUFFileError` unless the file `info` describes holds the transformer configured in `config_folder`."""
+    """Raise `GGUFFileError` unless the file `info` describes holds the transformer configured in `config_folder`.
+    Chapters 02, 07, 08."""
     from diffusers import FluxTransformer2DModel
 
     if info.architecture not in (ARCHITECTURE, None):
@@ -320,7 +321,8 @@ def check_architecture(info: GGUFFileInfo, config_folder: str | os.PathLike) -> 
 
 def load_transformer(path: str | os.PathLike, config: str | os.PathLike, *, compute_dtype: torch.dtype = torch.bfloat16,
                      subfolder: str = "transformer"):
-    """Check `path`, then load it with `FluxTransformer2DModel.from_single_file` and `GGUFQuantizationConfig`."""
+    """Check `path`, then load it with `FluxTransformer2DModel.from_single_file` and `GGUFQuantizationConfig`.
+    Chapter 02."""
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
     check_gguf_file(path, config, subfolder)
@@ -367,7 +369,7 @@ def _read_string(reader: gguf.GGUFReader, key: str) -> str | None:
 
 
 def block_layout(gguf_type: str) -> list[tuple[str, int, str]]:
-    """The fields of one block of `gguf_type` in byte order: (field, bytes, what it holds)."""
+    """The fields of one block of `gguf_type` in byte order: (field, bytes, what it holds). Chapter 02."""
     layouts = {
         "Q8_0": [("d", 2, "fp16 scale"), ("qs", 32, "32 int8 codes, one per weight")],
         "Q4_0": [("d", 2, "fp16 scale"), ("qs", 16, "32 4-bit codes, two per byte")],
@@ -395,7 +397,7 @@ def write_model_file(model: str | None, gguf_type: str, folder: str | os.PathLik
     (chapters 02 and 07). The file is named after the model's folder (`mini-v4-<hash>-seed0`), so a rebuilt model
     gets a new file rather than a stale one.
 
-    Returns the path and the `GGUFWriteReport` (None when the file was already there).
+    Returns the path and the `GGUFWriteReport` (None when the file was already there). Chapters 02, 07.
     """
     from diffusers import FluxTransformer2DModel
 

@@ -50,13 +50,13 @@ _LEGACY_FP16_FIELDS = {"Q8_0": 1, "Q4_0": 1, "Q5_0": 1, "Q4_1": 2, "Q5_1": 2}
 
 
 def bits_per_weight(qtype: str) -> float:
-    """Storage cost of `qtype` in bits per weight, scales included."""
+    """Storage cost of `qtype` in bits per weight, scales included. Chapters 02, 07."""
     block_size, type_size = gguf.GGML_QUANT_SIZES[_quant_type(qtype)]
     return type_size * 8 / block_size
 
 
 def dequantize(data: np.ndarray, qtype: str) -> np.ndarray:
-    """Decode GGUF bytes (or gguf's F16/BF16 array) of `qtype` with gguf-py, as float32."""
+    """Decode GGUF bytes (or gguf's F16/BF16 array) of `qtype` with gguf-py, as float32. Chapter 02."""
     decoded = gguf.quants.dequantize(np.asarray(data), _quant_type(qtype))
     return decoded.astype(np.float32, copy=False)
 
@@ -72,7 +72,7 @@ def quantize(
 
     A 1-D tensor counts as one row. K-quants run in torch on `device` (default: where `weights`
     already is), `rows_per_chunk` rows at a time (default: about 2 M weights per chunk on
-    the CPU, 16 M on a GPU).
+    the CPU, 16 M on a GPU). Chapters 02, 07.
     """
     quant_type = _quant_type(qtype)
     rows = _as_rows(weights)

@@ -64,7 +64,7 @@ __all__ = [
 
 @dataclass
 class Measurement:
-    """One row of measurements. `None` means not measured (for example GPU memory on a CPU)."""
+    """One row of measurements. `None` means not measured (for example GPU memory on a CPU). Every chapter."""
 
     model: str
     recipe: str
@@ -91,7 +91,7 @@ class Measurement:
 
 
 def new_row(model: str, recipe: str, device: str | env.DeviceInfo | None = None, **values: Any) -> Measurement:
-    """A `Measurement` stamped with the device, package versions and today's date (UTC)."""
+    """A `Measurement` stamped with the device, package versions and today's date (UTC). Every chapter."""
     info = device if isinstance(device, env.DeviceInfo) else env.device_info(device)
     return Measurement(
         model=model,
@@ -135,7 +135,7 @@ def tensor_storage_bytes(tensor: torch.Tensor) -> int:
     torchao and quanto tensors are wrapper subclasses whose `numel() * element_size()` is the
     logical (unquantized) size; their inner tensors hold the packed data and scales.
     bitsandbytes keeps its scales beside the packed weight, in `quant_state` (4-bit) or `SCB`
-    (8-bit).
+    (8-bit). Chapters 01, 03.
     """
     return sum(plain.numel() * plain.element_size() + _beside_bytes(plain) for plain in _plain_tensors(tensor))
 
@@ -167,7 +167,7 @@ def weights_bytes(module: torch.nn.Module) -> int:
 
     Memory is counted once however many tensors view it: `parameters()` and `buffers()` yield a
     shared (tied) tensor once, and a buffer that views a weight's memory (as chapter 06's kernels
-    keep them, `speed._keep_fp8_operands`) adds nothing.
+    keep them, `speed._keep_fp8_operands`) adds nothing. Every chapter.
     """
     plains = [plain for tensor in [*module.parameters(), *module.buffers()] for plain in _plain_tensors(tensor)]
     spans = {}
@@ -186,12 +186,12 @@ def weights_bytes(module: torch.nn.Module) -> int:
 
 
 def component_weights_bytes(pipe) -> dict[str, int]:
-    """`weights_bytes` of every `nn.Module` component of a pipeline."""
+    """`weights_bytes` of every `nn.Module` component of a pipeline. Chapters 00, 01, 02, 07, 08."""
     return {name: weights_bytes(c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
 
 
 def folder_bytes(path: str | os.PathLike) -> int:
-    """Total size of the files under `path`, in bytes: a checkpoint's size on disk."""
+    """Total size of the files under `path`, in bytes: a checkpoint's size on disk. Chapters 01, 03, 04, 08."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
@@ -203,7 +203,7 @@ def memory_after_load_gib(pipe=None, device: str | None = None) -> float:
     """Memory held after loading, in GiB.
 
     On CUDA: `torch.cuda.memory_allocated()`, everything PyTorch holds on the GPU. On a CPU
-    there is no separate device memory, so it is the bytes of the pipeline's weights in RAM.
+    there is no separate device memory, so it is the bytes of the pipeline's weights in RAM. Chapters 00, 02, 07, 08.
     """
     if _device_type(device) == "cuda":
         synchronize(device)
@@ -214,7 +214,7 @@ def memory_after_load_gib(pipe=None, device: str | None = None) -> float:
 
 
 def reset_peak_gpu_memory(device: str | None = None) -> None:
-    """Free cached blocks and restart the peak counter (no-op on a CPU)."""
+    """Free cached blocks and restart the peak counter (no-op on a CPU). Chapters 00, 02, 05, 07, 08."""
     gc.collect()
     if _device_type(device) == "cuda":
         torch.cuda.empty_cache()
@@ -227,7 +227,7 @@ def peak_gpu_memory_gib(device: str | None = None, reserved: bool = True) -> flo
 
     `reserved=True` (the default) counts what PyTorch's caching allocator took from the GPU,
     fragmentation included: what must fit on the card, and what the HF blog reports.
-    `reserved=False` counts only the bytes held by live tensors.
+    `reserved=False` counts only the bytes held by live tensors. Chapters 00, 02, 05, 07, 08.
     """
     if _device_type(device) != "cuda":
         return None
@@ -237,7 +237,8 @@ def peak_gpu_memory_gib(device: str | None = None, reserved: bool = True) -> flo
 
 
 def peak_gpu_memory_per_device_gib(device: str | None = None, reserved: bool = True) -> list[float] | None:
-    """Peak memory of every visible GPU since the last reset, in GiB, GPU 0 first; None on a CPU."""
+    """Peak memory of every visible GPU since the last reset, in GiB, GPU 0 first; None on a CPU.
+    Chapters 02, 05, 07, 08."""
     if _device_type(device) != "cuda":
         return None
     peaks = []
@@ -249,14 +250,16 @@ def peak_gpu_memory_per_device_gib(device: str | None = None, reserved: bool = T
 
 @dataclass
 class PeakHostRSS:
-    """The result of `track_peak_host_rss`: peak resident memory of this process inside the block."""
+    """The result of `track_peak_host_rss`: peak resident memory of this process inside the block.
+    Chapters 00, 02, 07, 08."""
 
     gib: float | None = None
     method: str = ""
 
 
 def read_status_kib(*keys: str) -> dict[str, int]:
-    """The named fields of /proc/self/status (VmRSS, RssAnon, VmHWM, ...) in KiB; those it lacks are left out."""
+    """The named fields of /proc/self/status (VmRSS, RssAnon, VmHWM, ...) in KiB; those it lacks are left out.
+    Chapters 00, 02, 07, 08."""
     values = {}
     try:
         with open("/proc/self/status") as f:
@@ -270,7 +273,8 @@ def read_status_kib(*keys: str) -> dict[str, int]:
 
 
 def reset_peak_host_rss() -> bool:
-    """Restart the kernel's peak-RSS counter (VmHWM) from the current RSS; False where the system cannot."""
+    """Restart the kernel's peak-RSS counter (VmHWM) from the current RSS; False where the system cannot.
+    Chapters 00, 02, 07, 08."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -284,7 +288,7 @@ def track_peak_host_rss(sample_interval_s: float = 0.005) -> Iterator[PeakHostRS
     """Measure the peak host RSS (resident memory) of this process while the block runs.
 
     On Linux the kernel tracks the peak itself (VmHWM), and writing 5 to /proc/self/clear_refs
-    resets it, so the figure is exact. Elsewhere a thread samples RSS every few milliseconds.
+    resets it, so the figure is exact. Elsewhere a thread samples RSS every few milliseconds. Chapters 00, 02, 07, 08.
     """
     result = PeakHostRSS()
     gc.collect()
@@ -319,14 +323,14 @@ def track_peak_host_rss(sample_interval_s: float = 0.005) -> Iterator[PeakHostRS
 
 
 def synchronize(device: str | torch.device | None = None) -> None:
-    """Wait for queued GPU work to finish, so that a timer reads the real end (no-op on a CPU)."""
+    """Wait for queued GPU work to finish, so that a timer reads the real end (no-op on a CPU). Every chapter."""
     if _device_type(device) == "cuda":
         torch.cuda.synchronize()
 
 
 @dataclass(frozen=True)
 class TimingStats:
-    """Median and interquartile range of repeated timings, in seconds."""
+    """Median and interquartile range of repeated timings, in seconds. Every chapter."""
 
     median_s: float
     iqr_s: float
@@ -349,7 +353,8 @@ class TimingStats:
 
 def time_callable(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3,
                   device: str | None = None) -> TimingStats:
-    """Time `fn()`: `warmup` untimed calls, then `repeats` timed ones, synchronizing around each."""
+    """Time `fn()`: `warmup` untimed calls, then `repeats` timed ones, synchronizing around each.
+    Chapters 01, 02, 03, 04, 05, 06, 08."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -366,7 +371,7 @@ def time_first_call(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3,
                     device: str | None = None) -> tuple[Any, float, TimingStats]:
     """`fn()`'s first result and seconds (which include any compiling), then its steady timing.
 
-    The first call is timed alone, because for a compiled model it is compile time plus one run.
+    The first call is timed alone, because for a compiled model it is compile time plus one run. Chapters 03, 06.
     """
     synchronize(device)
     start = time.perf_counter()
@@ -378,7 +383,8 @@ def time_first_call(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3,
 
 @dataclass
 class GenerationTiming:
-    """Time per image and per denoising step, with the images generated (one per timed repeat)."""
+    """Time per image and per denoising step, with the images generated (one per timed repeat).
+    Chapters 00, 02, 05, 07, 08."""
 
     per_image: TimingStats
     per_step: TimingStats
@@ -398,7 +404,7 @@ def time_generation(pipe, prompt: str | Sequence[str], call_kwargs: dict[str, An
     generates one image per prompt (the warm-up images use the first). A non-finite output of the transformer,
     T5 or the VAE raises `NonFiniteError` (`finite_outputs`). Per-step times come from a
     `callback_on_step_end` that synchronizes and reads the clock after every denoising step; the first
-    step of each image is left out, since it includes the prompt encoding that precedes it.
+    step of each image is left out, since it includes the prompt encoding that precedes it. Chapters 00, 02, 05, 07, 08.
     """
     device = device or str(getattr(pipe, "_execution_device", None) or env.default_device())
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -436,21 +442,21 @@ def time_generation(pipe, prompt: str | Sequence[str], call_kwargs: dict[str, An
 
 
 def to_frame(rows: Iterable[Measurement | dict]):
-    """A pandas DataFrame with one row per measurement."""
+    """A pandas DataFrame with one row per measurement. Every chapter."""
     import pandas as pd
 
     return pd.DataFrame([asdict(r) if isinstance(r, Measurement) else dict(r) for r in rows])
 
 
 def require_columns(frame, *columns: str) -> None:
-    """Raise `ValueError` naming the first of `columns` that `frame` lacks, and the columns it has."""
+    """Raise `ValueError` naming the first of `columns` that `frame` lacks, and the columns it has. Every chapter."""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ValueError(f"No column {missing[0]!r}. Columns: {', '.join(frame.columns)}.")
 
 
 def save_rows(rows: Iterable[Measurement | dict], path: str | os.PathLike) -> Path:
-    """Save rows to `path`: JSON (a list of objects) or CSV, by the file suffix."""
+    """Save rows to `path`: JSON (a list of objects) or CSV, by the file suffix. Every chapter."""
     path = Path(path)
     if path.suffix not in (".json", ".csv"):
         raise ValueError(f"Cannot save rows to {path.name}: use a .json or .csv file.")
@@ -464,14 +470,15 @@ def save_rows(rows: Iterable[Measurement | dict], path: str | os.PathLike) -> Pa
 
 
 def json_default(value):
-    """`json.dumps(default=...)` for what rows hold besides plain values: numpy numbers, dtypes, paths."""
+    """`json.dumps(default=...)` for what rows hold besides plain values: numpy numbers, dtypes, paths.
+    Every chapter."""
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return str(value)
 
 
 def load_rows(path: str | os.PathLike) -> list[Measurement]:
-    """Read rows saved by `save_rows` (JSON) back into `Measurement` objects."""
+    """Read rows saved by `save_rows` (JSON) back into `Measurement` objects. Every chapter."""
     path = Path(path)
     try:
         records = json.loads(path.read_text())
@@ -485,7 +492,7 @@ def projected_s_per_image(row: Measurement | dict, steps: int = 50) -> float | N
     """Seconds per image at `steps` denoising steps, from a row measured at fewer or more steps.
 
     The row's own seconds per image, plus (or minus) its median ms per step for each step it lacks:
-    an estimate, used to put slow recipes measured with few steps beside 50-step figures.
+    an estimate, used to put slow recipes measured with few steps beside 50-step figures. Chapters 05, 07.
     """
     get = row.get if isinstance(row, dict) else lambda name: getattr(row, name)
     s_per_image, ms_per_step, row_steps = get("s_per_image"), get("ms_per_step"), get("steps")
@@ -495,12 +502,12 @@ def projected_s_per_image(row: Measurement | dict, steps: int = 50) -> float | N
 
 
 def results_dir() -> Path:
-    """The repository's `results/` folder, where GPU measurements are committed."""
+    """The repository's `results/` folder, where GPU measurements are committed. Every chapter."""
     return Path(os.environ.get("QUANTLAB_RESULTS") or Path(__file__).resolve().parent.parent / "results")
 
 
 def load_results(name: str):
-    """The committed GPU results `results/<name>.json` as a DataFrame."""
+    """The committed GPU results `results/<name>.json` as a DataFrame. Chapters 00, 01, 02, 03, 04, 05, 08."""
     path = results_dir() / f"{name}.json"
     if not path.exists():
         available = ", ".join(sorted(p.stem for p in results_dir().glob("*.json"))) or "none"
@@ -511,7 +518,7 @@ def load_results(name: str):
 def record(rows: Iterable[Measurement], chapter: str):
     """Return the rows as a DataFrame, and when `$QUANTLAB_RUN_DIR` is set, also save them there.
 
-    `make course` sets that variable, then gathers every chapter's rows into one summary.
+    `make course` sets that variable, then gathers every chapter's rows into one summary. Every chapter.
     """
     rows = list(rows)
     run_dir = os.environ.get("QUANTLAB_RUN_DIR")

@@ -30,7 +30,7 @@ def layerwise_skip_patterns(model: torch.nn.Module, skip_modules_pattern: tuple[
 
     The given patterns (diffusers' defaults when None), plus, always, the model's `_keep_in_fp32_modules`
     and `_skip_layerwise_casting_patterns`: `enable_layerwise_casting` cannot cast what those name.
-    `diffusers.hooks.apply_layerwise_casting` uses exactly the patterns it is given.
+    `diffusers.hooks.apply_layerwise_casting` uses exactly the patterns it is given. Chapters 05, 07.
     """
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
@@ -50,7 +50,7 @@ def layerwise_casting_plan(model: torch.nn.Module, skip_patterns: tuple[str, ...
 
     It walks the model as diffusers' `apply_layerwise_casting` does: a module whose dotted name
     matches a skip pattern (`re.search`) is skipped with everything inside it; otherwise a Linear,
-    Conv or Embedding is cast, and any other module is searched further. Works on the meta device.
+    Conv or Embedding is cast, and any other module is searched further. Works on the meta device. Chapters 05, 07.
     """
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
 
@@ -92,7 +92,7 @@ def component_placement(pipe) -> dict[str, dict[str, Any]]:
 
     `weights_on` is the device(s) holding the parameters at this moment; `hooks` names the
     accelerate hook (model or sequential offload, device_map) and the diffusers hooks (group offload,
-    layerwise casting) attached to the component or any of its submodules.
+    layerwise casting) attached to the component or any of its submodules. Chapter 05.
     """
     placement = {}
     for name, component in pipe.components.items():
@@ -117,7 +117,7 @@ def component_placement(pipe) -> dict[str, dict[str, Any]]:
 
 
 def lowest_peak(frame, peak: str = "peak_gpu_mem_gib", time: str = "s_per_image"):
-    """The row of `frame` with the smallest peak GPU memory (ties: the faster one)."""
+    """The row of `frame` with the smallest peak GPU memory (ties: the faster one). Chapter 05."""
     require_columns(frame, peak, time)
     ran = frame[frame[peak].notna()]
     if ran.empty:
@@ -129,7 +129,7 @@ def fastest_within(frame, peak_gib: float, peak: str = "peak_gpu_mem_gib", time:
     """The fastest row of `frame` whose peak GPU memory is at most `peak_gib`, or None if none fits.
 
     The peak is compared with `peak_gib` as it is: nothing is subtracted for the CUDA context or a display,
-    which take a few hundred MiB of a real card. Pass a smaller `peak_gib` to leave that margin.
+    which take a few hundred MiB of a real card. Pass a smaller `peak_gib` to leave that margin. Chapter 05.
     """
     require_columns(frame, peak, time)
     fits = frame[frame[peak].notna() & (frame[peak] <= peak_gib)]

@@ -45,10 +45,8 @@ __all__ = [
     "cache_dir",
     "build_component",
     "build_embedded_model",
-    "component_configs",
     "meta_component",
     "component_param_counts",
-    "component_sizes_gib",
     "linear_layers",
     "verify_cache",
     "COMPONENT_NAMES",
@@ -62,7 +60,7 @@ MODEL_COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
 
 
 class ModelUnavailableError(RuntimeError):
-    """A model cannot be loaded here: gated without a token, no network, or no suitable device."""
+    """A model cannot be loaded here: gated without a token, no network, or no suitable device. Every chapter."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +199,7 @@ HASH_EVERY_USE_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One entry of the model registry: where the weights come from and how to call the pipeline."""
+    """One entry of the model registry: where the weights come from and how to call the pipeline. Every chapter."""
 
     name: str
     source: str  # "embedded" (built here, offline) or "hub" (downloaded)
@@ -258,12 +256,12 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
 
 
 def list_models() -> list[str]:
-    """Names of every registered model."""
+    """Names of every registered model: what `make course MODEL=...` and the lab's `--model` accept."""
     return list(MODELS)
 
 
 def get_model(name: str | None = None) -> ModelSpec:
-    """The spec for `name`, or for `$QUANTLAB_MODEL`, or for the tiny model."""
+    """The spec for `name`, or for `$QUANTLAB_MODEL`, or for the tiny model. Every chapter."""
     name = name or os.environ.get("QUANTLAB_MODEL") or DEFAULT_MODEL
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}. Valid models: {', '.join(MODELS)}.")
@@ -271,7 +269,7 @@ def get_model(name: str | None = None) -> ModelSpec:
 
 
 def cache_dir() -> Path:
-    """Where embedded models are saved: `$QUANTLAB_CACHE`, else `~/.cache/quantlab`."""
+    """Where embedded models are saved: `$QUANTLAB_CACHE`, else `~/.cache/quantlab`. Every chapter."""
     return Path(os.environ.get("QUANTLAB_CACHE") or Path.home() / ".cache" / "quantlab")
 
 
@@ -295,29 +293,20 @@ def _instantiate(component: str, config: dict[str, Any]) -> torch.nn.Module:
     raise ValueError(f"Unknown component {component!r}. Valid components: {', '.join(MODEL_COMPONENTS)}.")
 
 
-def component_configs(model: str | None = None) -> dict[str, dict[str, Any]]:
-    """The config of every component of `model`, as plain dicts."""
-    return {k: dict(v) for k, v in get_model(model).configs.items()}
-
-
 def meta_component(model: str | None, component: str) -> torch.nn.Module:
-    """`component` of `model` built from its config on the meta device: real structure, no memory."""
+    """`component` of `model` built from its config on the meta device: real structure, no memory.
+    Chapters 00, 01, 02, 05, 06, 07."""
     with torch.device("meta"):
         return _instantiate(component, get_model(model).configs[component])
 
 
 def component_param_counts(model: str | None = None) -> dict[str, int]:
-    """Parameter count of each model component, computed from its config on the meta device."""
+    """Parameter count of each model component, computed from its config on the meta device. Chapter 00."""
     return {c: sum(p.numel() for p in meta_component(model, c).parameters()) for c in MODEL_COMPONENTS}
 
 
-def component_sizes_gib(model: str | None = None, bits_per_weight: float = 16) -> dict[str, float]:
-    """Size of each component's weights in GiB at `bits_per_weight` (16 = bf16)."""
-    return {k: n * bits_per_weight / 8 / GIB for k, n in component_param_counts(model).items()}
-
-
 def linear_layers(module: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """Every `nn.Linear` inside `module`, by qualified name."""
+    """Every `nn.Linear` inside `module`, by qualified name. Chapters 00, 01."""
     return {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
@@ -362,7 +351,8 @@ def _build_component(component: str, config: dict, device: str, dtype: torch.dty
 
 def build_component(name: str | None, component: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
                     seed: int = 0) -> torch.nn.Module:
-    """`component` of embedded model `name` in memory: the random weights its folder holds when built on `device`."""
+    """`component` of embedded model `name` in memory: the random weights its folder holds when built on `device`.
+    The lab's speed runs (quantlab.lab.speed)."""
     spec = get_model(name)
     if spec.source != "embedded":
         raise ValueError(f"{spec.name!r} is downloaded from the Hub, not built. Embedded models: {_embedded_names()}.")
@@ -373,7 +363,7 @@ def build_embedded_model(name: str, path: str | os.PathLike, seed: int = 0, devi
     """Build embedded model `name` from its configs with random weights and save it as a FluxPipeline folder.
 
     The folder is written under a temporary name and renamed at the end, so an interrupted
-    build leaves nothing half-written at `path`.
+    build leaves nothing half-written at `path`. Every chapter.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -432,6 +422,7 @@ def verify_cache(path: str | os.PathLike, hashes: bool | None = None) -> str | N
 
     Sizes are always checked; hashes too when `hashes` is True, or, by default, when the folder is smaller than
     `HASH_EVERY_USE_BYTES`. A missing folder, manifest or file, another size or another hash are each named.
+    Every chapter.
     """
     path = Path(path)
     try:
@@ -513,7 +504,7 @@ def model_path(name: str | None = None, seed: int = 0) -> str:
     Embedded models are built on first use, and their files checked against what the build recorded
     on every use (`verify_cache`): a damaged cache (a killed copy, a full disk) is rebuilt, with a line
     saying so. Hub models are checked before anything is downloaded: a gated model needs a token, and the Hub must be reachable unless the
-    model is already in the local Hugging Face cache.
+    model is already in the local Hugging Face cache. Every chapter.
     """
     spec = get_model(name)
     if spec.source != "embedded":
@@ -535,7 +526,8 @@ def model_path(name: str | None = None, seed: int = 0) -> str:
 
 
 def check_hub_access(spec: ModelSpec) -> str:
-    """Return `spec.name` if it can be loaded here, else raise `ModelUnavailableError` saying what to do."""
+    """Return `spec.name` if it can be loaded here, else raise `ModelUnavailableError` saying what to do.
+    Every chapter."""
     from huggingface_hub import auth_check, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
 

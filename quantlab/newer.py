@@ -33,12 +33,13 @@ _BLOCK_LINEAR = re.compile(r"(single_)?transformer_blocks\.\d+\.(attn|ff|ff_cont
 
 
 class BFLFileError(ValueError):
-    """A BFL single-file checkpoint that diffusers would fail on, or silently misread."""
+    """A BFL single-file checkpoint that diffusers would fail on, or silently misread. Chapters 02, 07, 08."""
 
 
 def write_bfl_file(transformer: torch.nn.Module, path: str | os.PathLike) -> Path:
     """Write `transformer` as a BFL fp8r single file: each block Linear's weight in float8 e4m3 with a float32 scale
-    per row (`diffusers.quantizers.bfl.utils.quantize_fp8r`), everything else as it is, in diffusers' names."""
+    per row (`diffusers.quantizers.bfl.utils.quantize_fp8r`), everything else as it is, in diffusers' names.
+    Chapter 08."""
     from diffusers.quantizers.bfl.utils import quantize_fp8r
     from safetensors.torch import save_file
 
@@ -58,6 +59,7 @@ def check_bfl_file(path: str | os.PathLike) -> dict[str, int]:
 
     Refused with `BFLFileError`: a file shorter than its header says (truncated), a file with no `.weight_scale`
     (not fp8r or nvfp4), and float8 weights without their scale, which diffusers would load as raw codes.
+    Chapters 02, 07, 08.
     """
     path = Path(path)
     if not path.is_file():
@@ -92,7 +94,7 @@ def check_bfl_file(path: str | os.PathLike) -> dict[str, int]:
 
 def copy_without(path: str | os.PathLike, out: str | os.PathLike, drop) -> Path:
     """A copy of the safetensors file `path` at `out`, without the tensors whose name `drop(name)` is true (chapter 08
-    damages a BFL file on purpose, to show what `check_bfl_file` refuses)."""
+    damages a BFL file on purpose, to show what `check_bfl_file` refuses). Chapter 08."""
     from safetensors.torch import load_file, save_file
 
     tensors = {name: t for name, t in load_file(str(path)).items() if not drop(name)}
@@ -108,7 +110,7 @@ def autoround_quantize(model_path: str, out: str | os.PathLike, captions: list[s
     `iters=0` rounds to nearest (auto-round's plain RTN: no data); `iters > 0` runs SignRound on the transformer
     blocks' inputs for the `captions` (a local .tsv: without one auto-round downloads a calibration set), each
     pipeline call `calibration_steps` denoising steps long. The export's weight file is renamed to the name
-    diffusers' `from_pretrained` looks for.
+    diffusers' `from_pretrained` looks for. Chapter 08.
     """
     import gc
 
@@ -177,7 +179,7 @@ class _Matching(logging.Filter):
 
 def check_prequantized(folder: str | os.PathLike, subfolder: str = "transformer") -> str | None:
     """The quant_method a saved checkpoint carries (None for a plain one); `ImportError` naming the package to
-    install when the one that loads it is missing, before diffusers reads a weight."""
+    install when the one that loads it is missing, before diffusers reads a weight. Chapters 02, 07, 08."""
     config = Path(folder) / subfolder / "config.json"
     method = json.loads(config.read_text()).get("quantization_config", {}).get("quant_method")
     package = QUANT_METHOD_PACKAGES.get(method)
@@ -190,7 +192,7 @@ def check_prequantized(folder: str | os.PathLike, subfolder: str = "transformer"
 def environment_checks(quantizer: type) -> list[dict[str, object]]:
     """What a diffusers quantizer's `validate_environment` checks, in source order: each `if ...: raise ...` as its
     line, condition, exception and message, read from the installed diffusers (so it shows the checks a machine
-    cannot trigger, such as Nunchaku Lite's on a CPU)."""
+    cannot trigger, such as Nunchaku Lite's on a CPU). Chapter 08."""
     import ast
     import inspect
     import textwrap

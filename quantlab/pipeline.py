@@ -29,7 +29,8 @@ DEFAULT_PROMPT = "a photo of a cat sitting on a red chair in a sunny room"
 
 
 def place_pipeline(pipe, device: str, offload: str | None = None):
-    """Put `pipe` on `device`, whole (`offload=None`) or with one of `OFFLOAD_MODES` (chapter 05)."""
+    """Put `pipe` on `device`, whole (`offload=None`) or with one of `OFFLOAD_MODES` (chapter 05).
+    Chapters 02, 07, 08."""
     if offload is None:
         return pipe.to(device)
     if offload not in OFFLOAD_MODES:
@@ -53,7 +54,7 @@ def load_pipeline(model: str | None = None, recipe: str | Recipe = "bf16", *, de
 
     A GGUF recipe reads `gguf_file`; a BFL or pre-quantized recipe (chapter 08) reads `checkpoint` (a file, or a
     saved folder). Every check (model name, recipe name, hardware, the file, gated access, network) happens before
-    any weight is downloaded or loaded.
+    any weight is downloaded or loaded. Chapters 02, 07, 08.
     """
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
@@ -124,7 +125,8 @@ def load_pipeline(model: str | None = None, recipe: str | Recipe = "bf16", *, de
 
 @dataclass
 class RecipeRun:
-    """What `run_recipe` returns: the measurement row, the timed images, and the pipeline if it was kept."""
+    """What `run_recipe` returns: the measurement row, the timed images, and the pipeline if it was kept.
+    Chapters 02, 07, 08."""
 
     row: measure.Measurement
     images: list
@@ -159,6 +161,7 @@ def run_recipe(model: str | None = None, recipe: str | Recipe = "bf16", *, promp
     the mini model's held-out shape captions. A NaN or infinite output raises `quality.NonFiniteError`.
     `hand_written` carries the lab's hand-written steps (`quantlab.lab.hand_written.HAND_WRITTEN`) for recipes
     that have them. `progress=True` prints a line to stderr as each stage ends (the lab's long GPU runs).
+    Chapters 02, 07, 08.
     """
     say = _progress if progress else (lambda message: None)
     spec = models.get_model(model)

@@ -100,12 +100,12 @@ def _gguf_transformer_bytes(transformer: torch.nn.Module, gguf_type: str) -> flo
 
 @functools.lru_cache(maxsize=4)
 def meta_components(model: str) -> dict[str, torch.nn.Module]:
-    """The model's four components on the meta device (shapes, no weights), built once per model."""
+    """The model's four components on the meta device (shapes, no weights), built once per model. Chapter 07."""
     return {name: models.meta_component(model, name) for name in models.MODEL_COMPONENTS}
 
 
 def weights_bytes(model: str | None, recipe: str | recipes.Recipe) -> dict[str, int]:
-    """Bytes of each component's weights as `recipe` stores them, predicted from `model`'s config alone."""
+    """Bytes of each component's weights as `recipe` stores them, predicted from `model`'s config alone. Chapter 07."""
     from . import memory
 
     recipe = recipes.get_recipe(recipe)
@@ -126,13 +126,13 @@ def weights_bytes(model: str | None, recipe: str | recipes.Recipe) -> dict[str, 
 
 
 def pixel_scale(height: int, width: int) -> float:
-    """How activations scale with the image: its pixel count over 1024×1024's."""
+    """How activations scale with the image: its pixel count over 1024×1024's. Chapter 07."""
     return height * width / (1024 * 1024)
 
 
 def predict_peak_gpu_gib(model: str | None, recipe: str | recipes.Recipe, height: int = 1024,
                          width: int = 1024) -> float:
-    """Peak GPU memory (reserved, GiB) while generating one `height`×`width` image with `recipe`."""
+    """Peak GPU memory (reserved, GiB) while generating one `height`×`width` image with `recipe`. Chapter 07."""
     recipe = recipes.get_recipe(recipe)
     parts = {name: value / GIB for name, value in weights_bytes(model, recipe).items()}
     scale = pixel_scale(height, width)
@@ -156,7 +156,7 @@ def predict_peak_gpu_gib(model: str | None, recipe: str | recipes.Recipe, height
 
 @dataclass
 class FitPlan:
-    """Whether `recipe` fits a GPU, what it is predicted to need, and what would fit instead."""
+    """Whether `recipe` fits a GPU, what it is predicted to need, and what would fit instead. Chapter 07."""
 
     model: str
     recipe: str
@@ -189,7 +189,7 @@ def plan(model: str | None, recipe: str, gpu: str | float = "T4", height: int = 
 
     A recipe fits when its predicted peak plus `margin_gib` is within the GPU's memory and the GPU has
     the kernels it needs; when it does not, `instead` lists up to `count` recipes that would. A GPU
-    given only by its memory is taken to compute what an H100 does (compute capability 9.0).
+    given only by its memory is taken to compute what an H100 does (compute capability 9.0). Chapter 07.
     """
     spec = models.get_model(model)
     recipe_obj = recipes.get_recipe(recipe)

@@ -36,11 +36,13 @@ __all__ = [
 
 
 class NonFiniteError(ValueError):
-    """A tensor, image or latent holds NaN or infinity, so no figure computed from it would mean anything."""
+    """A tensor, image or latent holds NaN or infinity, so no figure computed from it would mean anything.
+    Every chapter."""
 
 
 def check_finite(values, what: str, advice: str | None = None):
-    """Return `values` (a tensor or array) if every element is finite; else raise `NonFiniteError` saying what to do."""
+    """Return `values` (a tensor or array) if every element is finite; else raise `NonFiniteError` saying what to do.
+    Every chapter."""
     finite = torch.isfinite(values).all() if isinstance(values, torch.Tensor) else np.isfinite(values).all()
     if not bool(finite):
         raise NonFiniteError(f"The {what} holds NaN or infinite values, so it cannot be measured. "
@@ -66,7 +68,7 @@ def finite_outputs(pipe) -> Iterator[None]:
     """Inside the block, a non-finite output of the pipeline's transformer, T5 or VAE raises `NonFiniteError`.
 
     Every measurement that generates runs inside it: a NaN image is otherwise converted to a black picture and
-    measured as one. The error names the component and its dtype, and what to try.
+    measured as one. The error names the component and its dtype, and what to try. Every chapter.
     """
     handles = []
 
@@ -105,7 +107,8 @@ def _as_float_array(image, what: str = "image") -> np.ndarray:
 
 
 def psnr_db(image, reference, max_value: float = 255.0) -> float:
-    """Peak signal-to-noise ratio of `image` against `reference`, in dB (inf when identical)."""
+    """Peak signal-to-noise ratio of `image` against `reference`, in dB (inf when identical).
+    Chapters 00, 01, 02, 05, 07, 08."""
     a, b = _as_float_array(image), _as_float_array(reference, "reference image")
     if a.shape != b.shape:
         raise ValueError(f"Images differ in shape: {a.shape} vs {b.shape}.")
@@ -114,7 +117,8 @@ def psnr_db(image, reference, max_value: float = 255.0) -> float:
 
 
 def ssim(image, reference, max_value: float = 255.0) -> float:
-    """Structural similarity (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, mean over channels."""
+    """Structural similarity (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, mean over channels.
+    Chapters 00, 01, 02, 07, 08."""
     a = torch.from_numpy(_as_float_array(image)).permute(2, 0, 1)[None]
     b = torch.from_numpy(_as_float_array(reference, "reference image")).permute(2, 0, 1)[None]
     if a.shape != b.shape:
@@ -141,6 +145,7 @@ def sqnr_db(output: torch.Tensor, reference: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio of `output` against `reference`, in dB (inf when equal).
 
     Raises `NonFiniteError` if either holds a NaN or an infinity: a figure from them would mean nothing.
+    Chapters 01, 02, 03, 04, 05, 06, 07, 08.
     """
     ref = check_finite(reference.detach().double().cpu(), "reference output")
     noise = (check_finite(output.detach().double().cpu(), "output") - ref).pow(2).sum()
@@ -148,14 +153,16 @@ def sqnr_db(output: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """||output - reference|| / ||reference||, computed in float64; `NonFiniteError` on a NaN or infinity."""
+    """||output - reference|| / ||reference||, computed in float64; `NonFiniteError` on a NaN or infinity.
+    Chapters 01, 02."""
     ref = check_finite(reference.detach().double().cpu(), "reference output")
     return float((check_finite(output.detach().double().cpu(), "output") - ref).norm() / ref.norm())
 
 
 @dataclass(frozen=True)
 class CompileCheck:
-    """How far a compiled model's output is from the same model's eager output, and whether that is too far."""
+    """How far a compiled model's output is from the same model's eager output, and whether that is too far.
+    Chapters 01, 02, 03, 06, 07, 08."""
 
     sqnr_db: float  # compiled against eager
     own_error_db: float | None  # the recipe's own quantization error: eager against bf16, when known
@@ -173,6 +180,7 @@ def compare_compiled(compiled: torch.Tensor, eager: torch.Tensor, own_error_db: 
 
     They disagree when their SQNR is below `COMPILE_AGREEMENT_DB`, or, where the recipe's own quantization error
     against bf16 is known, below it less 3 dB: compiling must not add more error than quantizing did.
+    Chapters 01, 02, 03, 06, 07, 08.
     """
     sqnr = sqnr_db(compiled, eager)
     floor = COMPILE_AGREEMENT_DB if own_error_db is None else min(COMPILE_AGREEMENT_DB, own_error_db - 3.0)
@@ -193,6 +201,7 @@ def capture_transformer_inputs(pipe, prompt: str, call_kwargs: dict[str, Any], s
 
     The pipeline stops right there, so this costs a prompt encoding, not a generation. Feed the
     result to any transformer with `transformer(**inputs)` to compare outputs on identical inputs.
+    Chapters 01, 02, 03, 04, 05, 06, 07, 08.
     """
     captured: dict[str, Any] = {}
 
@@ -218,7 +227,7 @@ def capture_linear_inputs(model: torch.nn.Module, run: Callable[[], Any],
                           names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """The input of each `nn.Linear` in `model` (or of those in `names`) during `run()`, copied to the CPU.
 
-    Only the first call of each layer is kept.
+    Only the first call of each layer is kept. Chapters 01, 03, 08.
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     if names is not None:
@@ -243,7 +252,8 @@ def capture_linear_inputs(model: torch.nn.Module, run: Callable[[], Any],
 
 @dataclass
 class PromptAccuracy:
-    """How many shape pictures matched their captions (`shapes.prompt_accuracy`), with the pictures."""
+    """How many shape pictures matched their captions (`shapes.prompt_accuracy`), with the pictures.
+    Chapters 00, 01, 02, 03, 04, 05, 07, 08."""
 
     accuracy: float
     captions: list[str]
@@ -262,7 +272,7 @@ def prompt_accuracy(pipe, call_kwargs: dict[str, Any], captions: Sequence[str] |
     pipeline is called with `call_kwargs` (height, width, steps: the model's `call_kwargs()`), a batch of
     captions at a time, each batch from `seed`. The figure is meaningful for the mini model, which was
     trained on these pictures; a random model scores near 0 and the full FLUX.1-dev paints scenes the
-    detector was not built for.
+    detector was not built for. Chapters 00, 01, 02, 03, 04, 05, 07, 08.
     """
     from . import shapes
 

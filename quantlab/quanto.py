@@ -42,7 +42,8 @@ DIFFUSERS_DEPRECATION = {
 
 
 def qtype(weights: str):
-    """The `optimum.quanto` qtype for a `weights_dtype` name ("int8", "float8", "int4", "int2")."""
+    """The `optimum.quanto` qtype for a `weights_dtype` name ("int8", "float8", "int4", "int2"). The lab's Quanto
+    check (quantlab.lab.bench.quantize_and_compare, results/04)."""
     from optimum.quanto import qfloat8, qint2, qint4, qint8
 
     types = {"int8": qint8, "float8": qfloat8, "int4": qint4, "int2": qint2}
@@ -55,7 +56,7 @@ def weight_tensor_types(module: torch.nn.Module) -> dict[str, int]:
     """How many Linear weights of `module` are of each tensor class, e.g. {"WeightQBytesTensor qint8": 62}.
 
     The class tells which kernel runs: quanto picks Marlin, AWQ or TinyGemm packings on a GPU, and
-    plain `WeightQBytesTensor`/`WeightQBitsTensor` elsewhere. Unquantized Linears count as "Tensor <dtype>".
+    plain `WeightQBytesTensor`/`WeightQBitsTensor` elsewhere. Unquantized Linears count as "Tensor <dtype>". Chapter 04.
     """
     counts: dict[str, int] = {}
     for layer in module.modules():
@@ -70,7 +71,8 @@ def weight_tensor_types(module: torch.nn.Module) -> dict[str, int]:
 
 @dataclass
 class KernelLoad:
-    """What `load_kernels` found: how long the first use of a quanto extension took, and whether it compiled."""
+    """What `load_kernels` found: how long the first use of a quanto extension took, and whether it compiled.
+    Chapter 04."""
 
     extension: str
     seconds: float
@@ -90,7 +92,8 @@ def _extension(name: str):
 
 
 def kernel_extensions() -> list[str]:
-    """The quanto kernel extensions registered on this machine: quanto_cpp always, quanto_cuda with a GPU."""
+    """The quanto kernel extensions registered on this machine: quanto_cpp always, quanto_cuda with a GPU.
+    Chapter 04."""
     from optimum.quanto.library.extensions.extension import _extensions
 
     return sorted(_extensions)
@@ -102,7 +105,7 @@ def load_kernels(extension: str = "quanto_cpp", rebuild: bool = False) -> Kernel
     quanto compiles its C++/CUDA kernels with `torch.utils.cpp_extension.load` the first time an
     operation needs them, into a `build/` folder beside its sources, and loads that build afterwards.
     `rebuild=True` deletes the folder first, as quanto itself does after a torch upgrade, so the
-    time is a cold compile.
+    time is a cold compile. Chapter 04.
     """
     ext = _extension(extension)
     if ext._lib is not None:
@@ -121,7 +124,7 @@ def load_kernels(extension: str = "quanto_cpp", rebuild: bool = False) -> Kernel
 
 
 def deprecation_messages(fn: Callable[[], Any]) -> tuple[Any, list[str]]:
-    """Call `fn` and return its result with the deprecation warnings it raised (each message once)."""
+    """Call `fn` and return its result with the deprecation warnings it raised (each message once). Chapter 04."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = fn()

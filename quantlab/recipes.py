@@ -116,6 +116,7 @@ class Speedups:
     projections], the inductor flags, `torch.compile` (the repeated blocks or the whole transformer), a
     CUDA graph around the forward pass, `channels_last` for the VAE. The hand-written steps (FlashAttention-3,
     `gelu_sigmoid`, `rope_kernel`, `single_block_kernels`, `fused_qkv_mlp`) are the lab's (`quantlab.lab.kernels`).
+    Every chapter.
     """
 
     activations: str | None = None  # one of QUANTIZED_ACTIVATIONS
@@ -245,7 +246,7 @@ class LowRam:
     `encode_then_free`: the prompt is encoded first and the text encoders freed before the transformer
     arrives; `prequantized`: the transformer is read from a checkpoint saved in its quantized form, which
     `prepare` (parts of SCRIPTS_DIR, run once before) writes where none is downloaded; `t4_size`: the largest
-    square image measured to fit a T4 (results/09_colab_t4_sim_flux-dev-shaped.json).
+    square image measured to fit a T4 (results/09_colab_t4_sim_flux-dev-shaped.json). Every chapter.
     """
 
     encode_then_free: bool = True
@@ -263,7 +264,8 @@ SCRIPT_SETTINGS = {"MODEL_ID": "black-forest-labs/FLUX.1-dev", "PROMPT": "a phot
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named way to load and run FLUX: what is quantized and how, where it lives, and what runs after loading."""
+    """A named way to load and run FLUX: what is quantized and how, where it lives, and what runs after loading.
+    Every chapter."""
 
     name: str
     backend: str  # "none", "bitsandbytes", "torchao", "quanto", "gguf", "layerwise", "sdnq", "modelopt", ...
@@ -357,7 +359,8 @@ class Recipe:
 
 
 def derive(recipe: Recipe, *, name: str | None = None, description: str | None = None, **changes) -> Recipe:
-    """`recipe` with `changes` (offload, vae_tiling, speedups, ...), named after them unless `name` is given."""
+    """`recipe` with `changes` (offload, vae_tiling, speedups, ...), named after them unless `name` is given.
+    Every chapter."""
     new = dataclasses.replace(recipe, **changes)
     if name is None:
         name = recipe.name
@@ -656,12 +659,13 @@ RECIPES: dict[str, Recipe] = _build_registry()
 
 
 def list_recipes(backend: str | None = None) -> list[str]:
-    """Names of every recipe, or of those of one backend (chapter 07)."""
+    """Names of every recipe, or of those of one backend: what `get_recipe` and the lab's `--recipes` accept."""
     return [name for name, r in RECIPES.items() if backend is None or r.backend == backend]
 
 
 def get_recipe(name: str | Recipe) -> Recipe:
-    """The recipe called `name`; `ValueError` listing the valid names if there is none (every chapter)."""
+    """The recipe called `name`; `ValueError` listing the valid names if there is none (every chapter).
+    Chapters 02, 03, 06, 07, 08."""
     if isinstance(name, Recipe):
         return name
     if name not in RECIPES:

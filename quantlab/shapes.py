@@ -1,8 +1,7 @@
 """Coloured shapes with captions, and a detector that reads them back: the data of the trained mini FLUX.
 
-`sample_scene` draws a random scene (shape, colour, size, position, background), `caption` writes it
-as a sentence ("a small red circle at the top left on a blue background"), `render` paints it, and
-`detect` recognises it from pixels alone. Because the colours are exact and the layout is a grid,
+A scene is a shape, colour, size, position and background. `caption` writes it as a sentence ("a small red
+circle at the top left on a blue background"), `render` paints it, and `detect` recognises it from pixels alone. Because the colours are exact and the layout is a grid,
 the detector is exact on rendered scenes, so `prompt_accuracy` of a generator's images against their
 captions measures how well the generator follows its prompt.
 """
@@ -20,7 +19,6 @@ __all__ = [
     "SIZES",
     "POSITIONS",
     "Scene",
-    "sample_scene",
     "caption",
     "parse_caption",
     "render",
@@ -53,7 +51,7 @@ POSITIONS = {  # the shape's centre, as fractions of the image side (x, y)
 
 @dataclass(frozen=True)
 class Scene:
-    """One shape on a plain background."""
+    """One shape on a plain background. Chapters 00, 01, 02, 03, 04, 05, 07, 08."""
 
     shape: str
     colour: str
@@ -71,21 +69,16 @@ class Scene:
             raise ValueError(f"A {self.colour} shape on a {self.background} background would be invisible.")
 
 
-def sample_scene(rng: random.Random) -> Scene:
-    """A random scene; the shape's colour always differs from the background's."""
-    colour = rng.choice(list(COLOURS))
-    background = rng.choice([c for c in COLOURS if c != colour])
-    return Scene(rng.choice(SHAPES), colour, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)), background)
-
-
 def all_scenes() -> list[Scene]:
-    """Every scene there is (3 shapes × 6 colours × 2 sizes × 5 positions × 5 backgrounds = 900)."""
+    """Every scene there is (3 shapes × 6 colours × 2 sizes × 5 positions × 5 backgrounds = 900).
+    Chapters 00, 01, 02, 03, 04, 05, 07, 08."""
     return [Scene(s, c, z, p, b) for s in SHAPES for c in COLOURS for z in SIZES for p in POSITIONS
             for b in COLOURS if b != c]
 
 
 def split_scenes(held_out_fraction: float = 0.1, seed: int = 0) -> tuple[list[Scene], list[Scene]]:
-    """All scenes split into (training, held out): the held-out captions never appear in training."""
+    """All scenes split into (training, held out): the held-out captions never appear in training.
+    Chapters 00, 01, 02, 03, 04, 05, 07, 08."""
     scenes = all_scenes()
     random.Random(seed).shuffle(scenes)
     cut = int(round(len(scenes) * held_out_fraction))
@@ -93,7 +86,8 @@ def split_scenes(held_out_fraction: float = 0.1, seed: int = 0) -> tuple[list[Sc
 
 
 def held_out_captions(n: int | None = None) -> list[str]:
-    """`n` of the 90 captions the mini model never saw in training (all of them by default), spread evenly."""
+    """`n` of the 90 captions the mini model never saw in training (all of them by default), spread evenly.
+    Chapters 00, 01, 02, 03, 04, 05, 07, 08."""
     held_out = [caption(s) for s in split_scenes(0.1, seed=0)[1]]
     if n is None or n >= len(held_out):
         return held_out
@@ -103,13 +97,15 @@ def held_out_captions(n: int | None = None) -> list[str]:
 
 
 def caption(scene: Scene) -> str:
-    """The scene as a sentence, for example 'a small red circle at the top left on a blue background'."""
+    """The scene as a sentence, for example 'a small red circle at the top left on a blue background'.
+    Chapters 00, 01, 02, 03, 04, 05, 07, 08."""
     where = "in the center" if scene.position == "center" else f"at the {scene.position}"
     return f"a {scene.size} {scene.colour} {scene.shape} {where} on a {scene.background} background"
 
 
 def parse_caption(text: str) -> Scene:
-    """The scene a caption describes; `ValueError` for a sentence `caption` would not write."""
+    """The scene a caption describes; `ValueError` for a sentence `caption` would not write.
+    Chapters 00, 01, 02, 03, 04, 05, 07, 08."""
     words = text.strip().lower().split()
     try:
         if words[0] != "a" or words[-1] != "background" or words[-4:-2] != ["on", "a"]:
@@ -124,7 +120,8 @@ def parse_caption(text: str) -> Scene:
 
 
 def render(scene: Scene, size: int = 64) -> np.ndarray:
-    """The scene as a `size`×`size` RGB uint8 image (no anti-aliasing, so colours are exact)."""
+    """The scene as a `size`×`size` RGB uint8 image (no anti-aliasing, so colours are exact).
+    Chapters 00, 01, 02, 03, 04, 05, 07, 08."""
     image = np.empty((size, size, 3), dtype=np.uint8)
     image[:] = COLOURS[scene.background]
     cx, cy = (v * size for v in POSITIONS[scene.position])
@@ -181,6 +178,7 @@ def detect(image) -> Scene | None:
     The image is blurred over 3×3 pixels against noise. The background is the median colour of the
     border; the shape is every pixel far from it, and its shape, size and position are those of the
     rendered layout that overlaps it best. Returns None when no shape stands out.
+    Chapters 00, 01, 02, 03, 04, 05, 07, 08.
     """
     pixels = _box_blur(np.asarray(image, dtype=float)[..., :3])
     size = pixels.shape[0]
@@ -203,14 +201,16 @@ def detect(image) -> Scene | None:
 
 
 def matches(image, text: str) -> bool:
-    """Whether the detector finds the shape, colour and position that caption `text` asks for in `image`."""
+    """Whether the detector finds the shape, colour and position that caption `text` asks for in `image`.
+    Chapters 00, 01, 02, 03, 04, 05, 07, 08."""
     wanted, found = parse_caption(text), detect(image)
     return found is not None and (found.shape, found.colour, found.position) == (
         wanted.shape, wanted.colour, wanted.position)
 
 
 def prompt_accuracy(images, captions) -> float:
-    """The fraction of images whose detected shape, colour and position all match their caption."""
+    """The fraction of images whose detected shape, colour and position all match their caption.
+    Chapters 00, 01, 02, 03, 04, 05, 07, 08."""
     images, captions = list(images), list(captions)
     if len(images) != len(captions) or not images:
         raise ValueError(f"prompt_accuracy needs one caption per image, at least one: {len(images)} images, "

@@ -57,7 +57,8 @@ CALIBRATION_STEPS = 4
 
 
 class HandWritten(Protocol):
-    """The lab's hand-written steps (`quantlab.lab.hand_written.HAND_WRITTEN`), called by `apply_speedups` in order."""
+    """The lab's hand-written steps (`quantlab.lab.hand_written.HAND_WRITTEN`), called by `apply_speedups` in order.
+    Chapters 02, 07, 08."""
 
     def check(self, transformer: torch.nn.Module, steps: Speedups) -> None: ...  # refusals, before anything changes
 
@@ -69,13 +70,14 @@ class HandWritten(Protocol):
 
 
 def without_compile(steps: Speedups) -> Speedups:
-    """`steps` without what compiles or records (compile, inductor flags, CUDA graph): the eager part."""
+    """`steps` without what compiles or records (compile, inductor flags, CUDA graph): the eager part.
+    Chapters 02, 07, 08."""
     return dataclasses.replace(steps, compile=None, compile_mode="default", inductor_flags=False, cuda_graph=False,
                                gelu_sigmoid=False)
 
 
 def only_compile(steps: Speedups) -> Speedups:
-    """The compiling part of `steps`, to apply after `without_compile(steps)` ran."""
+    """The compiling part of `steps`, to apply after `without_compile(steps)` ran. Chapters 02, 07, 08."""
     return Speedups(compile=steps.compile, compile_mode=steps.compile_mode, fullgraph=steps.fullgraph,
                     inductor_flags=steps.inductor_flags, cuda_graph=steps.cuda_graph, gelu_sigmoid=steps.gelu_sigmoid)
 
@@ -98,7 +100,8 @@ def _torchao_config(activations: str, step: str | None = None):
 
 
 def unused_projections(transformer: torch.nn.Module) -> set[str]:
-    """The separate q, k, v projections that fuse_qkv_projections() keeps beside the fused one, unused."""
+    """The separate q, k, v projections that fuse_qkv_projections() keeps beside the fused one, unused.
+    Chapters 02, 06, 07, 08."""
     return {f"{name}.{projection}" for name, m in transformer.named_modules() if getattr(m, "fused_projections", False)
             for projection in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
 
@@ -110,7 +113,7 @@ def apply_speedups(pipe, steps: Speedups | Recipe, *, device: env.DeviceInfo | N
     The hardware checks come first, so steps this device cannot run change nothing. Static fp8
     (`float8static-tensor`) runs `calibrate()` between torchao's prepare and convert steps, so that each
     Linear's observer sees representative activations; for a pipeline it defaults to one generation of
-    `CALIBRATION_STEPS` steps, and a bare transformer needs one.
+    `CALIBRATION_STEPS` steps, and a bare transformer needs one. Chapters 02, 07, 08.
     """
     name = steps.name if isinstance(steps, Recipe) else "these speed-ups"
     steps = steps.speedups if isinstance(steps, Recipe) else steps
@@ -184,7 +187,7 @@ class CudaGraphForward:
     them all at once. The price: each new input shape records a new graph, the inputs are copied into
     the recorded tensors, nothing inside may wait for the GPU (no `.item()`), the recorded
     activations stay allocated, and it is for inference only (it records under `torch.no_grad()`).
-    Install it with `transformer.forward = CudaGraphForward(transformer.forward)`.
+    Install it with `transformer.forward = CudaGraphForward(transformer.forward)`. Chapters 02, 06, 07, 08.
     """
 
     def __init__(self, forward, warmup: int = 2):
@@ -246,7 +249,7 @@ def linear_shapes(transformer: torch.nn.Module, image_tokens: int,
     """How often one forward pass runs each Linear shape: {(token rows, in_features, out_features): count}.
 
     Every Linear that runs counts, on the tokens it sees; the unfused projections that
-    fuse_qkv_projections() keeps beside the fused ones do not run.
+    fuse_qkv_projections() keeps beside the fused ones do not run. Chapter 06.
     """
     unused = unused_projections(transformer)
     counts: dict[tuple[int, int, int], int] = {}
@@ -262,7 +265,7 @@ def transformer_tflop_per_step(transformer: torch.nn.Module, height: int = 1024,
     """TFLOP of one forward pass: every Linear on the tokens it sees, plus attention's two matmuls.
 
     Counts 2 FLOP per multiply-add, walks the real module tree (the meta device is fine), and
-    leaves out elementwise work, which is memory-bound rather than compute-bound.
+    leaves out elementwise work, which is memory-bound rather than compute-bound. Chapter 06.
     """
     image_tokens = (height // 16) * (width // 16)
     linear = sum(2 * rows * inputs * outputs * count
@@ -278,7 +281,7 @@ def transformer_tflop_per_step(transformer: torch.nn.Module, height: int = 1024,
 def floor_ms_per_step(tflop: dict[str, float], device_name: str, fp8_linears: bool = False) -> float | None:
     """The fastest a step could be on that GPU: its FLOPs at the dense tensor-core peak.
 
-    With `fp8_linears`, the Linear layers count at the fp8 peak and attention stays at bf16.
+    With `fp8_linears`, the Linear layers count at the fp8 peak and attention stays at bf16. Chapter 06.
     """
     bf16 = env.peak_tflops(device_name, "bf16")
     linear_peak = env.peak_tflops(device_name, "fp8") if fp8_linears else bf16
@@ -288,12 +291,12 @@ def floor_ms_per_step(tflop: dict[str, float], device_name: str, fp8_linears: bo
 
 
 def amortized_s_per_image(compile_s: float, s_per_image: float, images: int) -> float:
-    """Seconds per image over a run of `images`, when the first one also pays `compile_s`."""
+    """Seconds per image over a run of `images`, when the first one also pays `compile_s`. Chapter 06."""
     return compile_s / images + s_per_image
 
 
 def break_even_images(compile_s: float, eager_s_per_image: float, compiled_s_per_image: float) -> float | None:
-    """How many images a compiled model must make before its compile time has paid for itself."""
+    """How many images a compiled model must make before its compile time has paid for itself. Chapter 06."""
     saved = eager_s_per_image - compiled_s_per_image
     return compile_s / saved if saved > 0 else None
 
@@ -312,7 +315,7 @@ def speed_table(results: tuple[str, ...] = SPEED_RESULTS, pipeline_results: tupl
 
     Rows from `pipeline_results` were timed inside a whole pipeline run (chapters 01, 03, 06 and 08); their
     `source` says so, and their floor is that of FLUX.1-dev at the same 1024×1024 size. A file not committed
-    yet is left out.
+    yet is left out. Chapter 06.
     """
     rows = [{**asdict(r), "source": "transformer alone (chapter 06)"}
             for name in results for r in measure.load_rows(measure.results_dir() / f"{name}.json")]

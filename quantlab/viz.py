@@ -21,7 +21,8 @@ def _figure(nrows: int, ncols: int, cell_inches: float = 3.0):
 
 def image_grid(images: Sequence, captions: Sequence[str] | None = None, ncols: int | None = None,
                title: str | None = None, cell_inches: float = 3.0):
-    """A matplotlib figure with `images` in a grid, each captioned below its title line."""
+    """A matplotlib figure with `images` in a grid, each captioned below its title line.
+    Chapters 00, 01, 02, 03, 04, 05, 07."""
     if not images:
         raise ValueError("image_grid needs at least one image.")
     if captions is not None and len(captions) != len(images):
@@ -45,7 +46,7 @@ def prompt_accuracy_grid(results, n: int = 4, title: str | None = None, cell_inc
     """The first `n` shape pictures of each `measure.PromptAccuracy` in `results` ({label: result}), one row each.
 
     Every picture is titled with its row's label and "match" or "MISS" (`shapes.matches`); the captions,
-    the same for every row, are printed, one line per column.
+    the same for every row, are printed, one line per column. Chapters 01, 02, 03, 04, 05, 07.
     """
     from . import shapes
 
@@ -64,7 +65,7 @@ def prompt_accuracy_grid(results, n: int = 4, title: str | None = None, cell_inc
 
 def side_by_side(left, right, left_caption: str = "reference", right_caption: str = "quantized",
                  show_difference: bool = True):
-    """Two images next to each other, and optionally their absolute difference (amplified x4)."""
+    """Two images next to each other, and optionally their absolute difference (amplified x4). Chapter 01."""
     images = [left, right]
     captions = [left_caption, right_caption]
     if show_difference:
@@ -87,7 +88,7 @@ def bar_chart(frame, value: str, label: str = "recipe", title: str | None = None
               reference_label: str = "reference", references: dict[str, float] | None = None):
     """A horizontal bar chart of column `value` for each row, labelled by column `label`.
 
-    `reference` draws one dashed line; `references` draws one per entry, labelled by its key.
+    `reference` draws one dashed line; `references` draws one per entry, labelled by its key. Chapters 00, 02, 06.
     """
     import matplotlib.pyplot as plt
 
@@ -109,7 +110,8 @@ def bar_chart(frame, value: str, label: str = "recipe", title: str | None = None
 
 def memory_time_bars(frame, label: str = "recipe", memory: str = "mem_after_load_gib", time: str = "s_per_image",
                      title: str | None = None):
-    """Memory and time side by side, one bar per row of `frame`, rows aligned across the panels."""
+    """Memory and time side by side, one bar per row of `frame`, rows aligned across the panels.
+    Chapters 00, 01, 02, 03, 04, 08."""
     import matplotlib.pyplot as plt
 
     require_columns(frame, label)
@@ -141,7 +143,7 @@ def memory_time_scatter(frame, memory: str = "peak_gpu_mem_gib", time: str = "s_
     """Peak memory (y) against time (x), one point per row, labelled; rows of each `source` get their own marker.
 
     Rows with the same `label` in several sources (ours and the blog's, say) are joined by a thin
-    line, so that each pair is easy to find. `limit_gib` draws a horizontal line (a GPU's memory).
+    line, so that each pair is easy to find. `limit_gib` draws a horizontal line (a GPU's memory). Chapters 05, 07.
     """
     import matplotlib.pyplot as plt
 
@@ -181,7 +183,7 @@ def tradeoff_scatter(frame, memory: str, time: str, error: str, front, label: st
 
     `front` is a boolean Series over `frame` (for example `compare.pareto_front(frame)`): the rows no
     other row beats on both axes. An infinite `error` (identical to the reference) is drawn in the
-    colour of the best finite value, and its label says so.
+    colour of the best finite value, and its label says so. Chapter 07.
     """
     import matplotlib.pyplot as plt
 
@@ -214,7 +216,7 @@ def tradeoff_scatter(frame, memory: str, time: str, error: str, front, label: st
 
 def histogram(values, markers: dict[str, Sequence[float]] | None = None, bins: int = 120, log: bool = False,
               title: str | None = None, xlabel: str = "value"):
-    """A histogram of `values`, with each named set of `markers` drawn as vertical lines of one colour."""
+    """A histogram of `values`, with each named set of `markers` drawn as vertical lines of one colour. Chapter 01."""
     import matplotlib.pyplot as plt
 
     data = np.asarray(values.detach().float().cpu() if hasattr(values, "detach") else values, dtype=float).ravel()
@@ -235,7 +237,7 @@ def histogram(values, markers: dict[str, Sequence[float]] | None = None, bins: i
 
 
 def png_bytes(image) -> bytes:
-    """An image (PIL, or an HxWx3 uint8 array) encoded as PNG, as `ipywidgets.Image` takes it."""
+    """An image (PIL, or an HxWx3 uint8 array) encoded as PNG, as `ipywidgets.Image` takes it. Chapters 00, 07."""
     import io
 
     from PIL import Image
@@ -246,7 +248,7 @@ def png_bytes(image) -> bytes:
 
 
 class ImageFlipper:
-    """An ipywidgets widget that flips between images: a slider and buttons choose which one shows."""
+    """An ipywidgets widget that flips between images: a slider and buttons choose which one shows. Chapter 00."""
 
     def __init__(self, images: Sequence, captions: Sequence[str]):
         import ipywidgets as widgets
@@ -283,12 +285,12 @@ class ImageFlipper:
 
 
 def image_flipper(images: Sequence, captions: Sequence[str]) -> ImageFlipper:
-    """A widget that flips between `images`; display it as the last expression of a cell."""
+    """A widget that flips between `images`; display it as the last expression of a cell. Chapter 00."""
     return ImageFlipper(images, captions)
 
 
 def byte_layout(fields: Sequence[tuple[str, int, str]], title: str | None = None):
-    """One block of a storage format drawn as a strip of bytes: (field, bytes, meaning) in byte order."""
+    """One block of a storage format drawn as a strip of bytes: (field, bytes, meaning) in byte order. Chapter 02."""
     import matplotlib.pyplot as plt
 
     total = sum(size for _, size, _ in fields)
