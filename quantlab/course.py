@@ -64,6 +64,9 @@ def run_notebook(notebook: Path, out_dir: Path, parameters: dict | None = None, 
         papermill.execute_notebook(
             str(notebook), str(out_dir / notebook.name), parameters=parameters or {}, cwd=str(notebook.parent),
             kernel_name="python3", progress_bar=False,
+            # The kernel logs, at every start, that it talks to this process over local TCP without encryption
+            # (Jupyter's default): one alarming line per chapter on the console. Its errors still show.
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     seconds = time.perf_counter() - start
     if seconds < 1.0:

@@ -123,3 +123,15 @@ def test_keep_going_runs_every_chapter_and_records_each(tmp_path, monkeypatch):
     assert seen == ["tiny", "tiny"] and os.environ["QUANTLAB_MODEL"] == "mini"  # the chapters' model, then put back
     with pytest.raises(RuntimeError, match="cell 2 failed"):  # without it, the first failure stops the run
         course.main(["--model", "tiny", "--out", str(tmp_path / "again")])
+
+
+def test_a_chapter_run_prints_its_own_stderr_and_not_the_kernels_start_up_warning(tmp_path, capfd):
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell("import sys, time\nprint('from the chapter', file=sys.stderr)\n"
+                                                "time.sleep(1)")]
+    nbformat.write(notebook, tmp_path / "00_probe.ipynb")
+    course.run_notebook(tmp_path / "00_probe.ipynb", tmp_path / "out")
+    assert course.stderr_lines(tmp_path / "out" / "00_probe.ipynb") == ["from the chapter"]
+    assert "without encryption" not in capfd.readouterr().err  # ipykernel's line, once per chapter, is off
