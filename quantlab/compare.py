@@ -217,7 +217,7 @@ def run_comparison(model: str | None = None, recipe_names: Sequence[str] | None 
     With `accuracy_captions=n` each row also has the prompt accuracy on `n` held-out shape captions; without, on
     a trained model whose prompts are all shape captions (the mini model's default), the prompts' own images are
     scored (`accuracy[recipe]` holds them). `prompts` defaults to `default_prompts(model)`. A recipe that reads a
-    pre-quantized checkpoint (chapter 08) finds it in `checkpoints[recipe]`. Chapter 07.
+    pre-quantized checkpoint (chapter 08) finds it in `checkpoints[recipe]`.
     """
     spec = models.get_model(model)
     prompts = prompts or default_prompts(spec.name)
@@ -374,7 +374,7 @@ def beside_blog(table, threshold: float = 0.20):
     Columns `*_ours`, `*_blog` and `*_ratio` (ours / blog) for memory after loading, peak memory and
     seconds per 50-step image (`full_scale_table`'s columns); `ours_status` is "measured", "not run", or
     the error a failed run recorded; `differs` lists the columns where the ratio is off by more than `threshold`
-    (chapter 07 says why, one line each). Chapter 07.
+    (chapter 07 says why, one line each).
     """
     import pandas as pd
 

@@ -169,7 +169,7 @@ class EnvReport:
 
 
 def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
-    """Installed version of each package, or 'not installed' (chapter 00). Every chapter."""
+    """Installed version of each package, or 'not installed' (chapter 00)."""
     versions = {}
     for name in packages:
         try:
@@ -180,7 +180,7 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
 
 
 def default_device() -> str:
-    """`$QUANTLAB_DEVICE` if set, else 'cuda' when a GPU is visible, else 'cpu' (every chapter). Every chapter."""
+    """`$QUANTLAB_DEVICE` if set, else 'cuda' when a GPU is visible, else 'cpu' (every chapter)."""
     return os.environ.get("QUANTLAB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -194,7 +194,7 @@ def describe_gpu(name: str, compute_capability: tuple[int, int], total_memory_gi
 
 
 def device_info(device: str | None = None) -> DeviceInfo:
-    """Describe `device` (default: `default_device()`) (every chapter). Every chapter."""
+    """Describe `device` (default: `default_device()`) (every chapter)."""
     device = device or default_device()
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -217,7 +217,7 @@ def device_info(device: str | None = None) -> DeviceInfo:
 
 
 def default_dtype(info: DeviceInfo | None = None) -> torch.dtype:
-    """bf16 where the device computes in it, else fp16 (a T4, for example) (every chapter). Every chapter."""
+    """bf16 where the device computes in it, else fp16 (a T4, for example) (every chapter)."""
     info = info or device_info()
     return torch.bfloat16 if info.bf16 else torch.float16
 
@@ -233,8 +233,7 @@ def host_memory_gib() -> tuple[float | None, float | None]:
 
 
 def report(device: str | None = None) -> EnvReport:
-    """One call: versions, device, compute capability, bf16 and fp8 support, and free memory (every chapter).
-    Every chapter."""
+    """One call: versions, device, compute capability, bf16 and fp8 support, and free memory (every chapter)."""
     total, available = host_memory_gib()
     return EnvReport(
         python=platform.python_version(),
@@ -252,8 +251,7 @@ def gpu_spec(device_name: str) -> GPU | None:
 
 
 def peak_tflops(device_name: str, dtype: str = "bf16") -> float | None:
-    """Dense tensor-core peak of the GPU called `device_name` in `dtype` ("bf16", "fp8", "fp16"), or None (chapter 06).
-    Chapter 06."""
+    """Dense tensor-core peak of the GPU called `device_name` in `dtype` ("bf16", "fp8", "fp16"), or None (chapter 06)."""
     gpu = gpu_spec(device_name)
     return None if gpu is None else getattr(gpu, f"{dtype}_tflops")
 
@@ -298,8 +296,8 @@ def check_hardware(name: str, needs: Iterable[Needs], device: DeviceInfo | None 
     """Raise `UnsupportedHardwareError` if what `name` needs is missing on `device` in `dtype`. Loads nothing.
 
     With `packages` (the default) the modules and software versions a need names must be usable here too;
-    `packages=False` asks about the hardware alone, for a GPU described, not present (chapter 07's advice).
-    Every chapter.
+    `packages=False` asks about the hardware alone, for a GPU described, not present (chapter 07's advice). Every
+    chapter.
     """
     device = device or device_info()
     cc = device.compute_capability
@@ -344,7 +342,7 @@ def modelopt_problem() -> str | None:
 
     Runs diffusers' own steps on one 16×16 layer (under a second): 0.44.0 and newer fail in the config
     (`'list' object is not a mapping`); 0.39.0 to 0.43.0 leave the weights unquantized, and the first forward fails.
-    Every chapter.
+    Chapters 07 and 08 (the ModelOpt recipes' check).
     """
     if importlib.util.find_spec("modelopt") is None:
         return f"nvidia-modelopt is not installed here (pip install {MODELOPT_PIN})"

@@ -397,7 +397,7 @@ def write_model_file(model: str | None, gguf_type: str, folder: str | os.PathLik
     (chapters 02 and 07). The file is named after the model's folder (`mini-v4-<hash>-seed0`), so a rebuilt model
     gets a new file rather than a stale one.
 
-    Returns the path and the `GGUFWriteReport` (None when the file was already there). Chapters 02, 07.
+    Returns the path and the `GGUFWriteReport` (None when the file was already there).
     """
     from diffusers import FluxTransformer2DModel
 

@@ -167,7 +167,7 @@ def weights_bytes(module: torch.nn.Module) -> int:
 
     Memory is counted once however many tensors view it: `parameters()` and `buffers()` yield a
     shared (tied) tensor once, and a buffer that views a weight's memory (as chapter 06's kernels
-    keep them, `speed._keep_fp8_operands`) adds nothing. Every chapter.
+    keep them, `speed._keep_fp8_operands`) adds nothing.
     """
     plains = [plain for tensor in [*module.parameters(), *module.buffers()] for plain in _plain_tensors(tensor)]
     spans = {}
@@ -518,7 +518,7 @@ def load_results(name: str):
 def record(rows: Iterable[Measurement], chapter: str):
     """Return the rows as a DataFrame, and when `$QUANTLAB_RUN_DIR` is set, also save them there.
 
-    `make course` sets that variable, then gathers every chapter's rows into one summary. Every chapter.
+    `make course` sets that variable, then gathers every chapter's rows into one summary.
     """
     rows = list(rows)
     run_dir = os.environ.get("QUANTLAB_RUN_DIR")

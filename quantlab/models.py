@@ -422,7 +422,6 @@ def verify_cache(path: str | os.PathLike, hashes: bool | None = None) -> str | N
 
     Sizes are always checked; hashes too when `hashes` is True, or, by default, when the folder is smaller than
     `HASH_EVERY_USE_BYTES`. A missing folder, manifest or file, another size or another hash are each named.
-    Every chapter.
     """
     path = Path(path)
     try:

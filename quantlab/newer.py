@@ -94,7 +94,7 @@ def check_bfl_file(path: str | os.PathLike) -> dict[str, int]:
 
 def copy_without(path: str | os.PathLike, out: str | os.PathLike, drop) -> Path:
     """A copy of the safetensors file `path` at `out`, without the tensors whose name `drop(name)` is true (chapter 08
-    damages a BFL file on purpose, to show what `check_bfl_file` refuses). Chapter 08."""
+    damages a BFL file on purpose, to show what `check_bfl_file` refuses)."""
     from safetensors.torch import load_file, save_file
 
     tensors = {name: t for name, t in load_file(str(path)).items() if not drop(name)}

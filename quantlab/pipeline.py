@@ -29,8 +29,7 @@ DEFAULT_PROMPT = "a photo of a cat sitting on a red chair in a sunny room"
 
 
 def place_pipeline(pipe, device: str, offload: str | None = None):
-    """Put `pipe` on `device`, whole (`offload=None`) or with one of `OFFLOAD_MODES` (chapter 05).
-    Chapters 02, 07, 08."""
+    """Put `pipe` on `device`, whole (`offload=None`) or with one of `OFFLOAD_MODES` (chapter 05)."""
     if offload is None:
         return pipe.to(device)
     if offload not in OFFLOAD_MODES:
@@ -54,7 +53,7 @@ def load_pipeline(model: str | None = None, recipe: str | Recipe = "bf16", *, de
 
     A GGUF recipe reads `gguf_file`; a BFL or pre-quantized recipe (chapter 08) reads `checkpoint` (a file, or a
     saved folder). Every check (model name, recipe name, hardware, the file, gated access, network) happens before
-    any weight is downloaded or loaded. Chapters 02, 07, 08.
+    any weight is downloaded or loaded.
     """
     from diffusers import FluxPipeline, FluxTransformer2DModel
 

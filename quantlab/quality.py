@@ -180,7 +180,6 @@ def compare_compiled(compiled: torch.Tensor, eager: torch.Tensor, own_error_db: 
 
     They disagree when their SQNR is below `COMPILE_AGREEMENT_DB`, or, where the recipe's own quantization error
     against bf16 is known, below it less 3 dB: compiling must not add more error than quantizing did.
-    Chapters 01, 02, 03, 06, 07, 08.
     """
     sqnr = sqnr_db(compiled, eager)
     floor = COMPILE_AGREEMENT_DB if own_error_db is None else min(COMPILE_AGREEMENT_DB, own_error_db - 3.0)

@@ -359,8 +359,8 @@ class Recipe:
 
 
 def derive(recipe: Recipe, *, name: str | None = None, description: str | None = None, **changes) -> Recipe:
-    """`recipe` with `changes` (offload, vae_tiling, speedups, ...), named after them unless `name` is given.
-    Every chapter."""
+    """`recipe` with `changes` (offload, vae_tiling, speedups, ...), named after them unless `name` is given. It builds
+    the registry's variants when quantlab is imported (every chapter)."""
     new = dataclasses.replace(recipe, **changes)
     if name is None:
         name = recipe.name
@@ -664,8 +664,7 @@ def list_recipes(backend: str | None = None) -> list[str]:
 
 
 def get_recipe(name: str | Recipe) -> Recipe:
-    """The recipe called `name`; `ValueError` listing the valid names if there is none (every chapter).
-    Chapters 02, 03, 06, 07, 08."""
+    """The recipe called `name`; `ValueError` listing the valid names if there is none (every chapter)."""
     if isinstance(name, Recipe):
         return name
     if name not in RECIPES:

@@ -315,7 +315,7 @@ def speed_table(results: tuple[str, ...] = SPEED_RESULTS, pipeline_results: tupl
 
     Rows from `pipeline_results` were timed inside a whole pipeline run (chapters 01, 03, 06 and 08); their
     `source` says so, and their floor is that of FLUX.1-dev at the same 1024×1024 size. A file not committed
-    yet is left out. Chapter 06.
+    yet is left out.
     """
     rows = [{**asdict(r), "source": "transformer alone (chapter 06)"}
             for name in results for r in measure.load_rows(measure.results_dir() / f"{name}.json")]
