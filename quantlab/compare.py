@@ -464,14 +464,15 @@ class Advice:
 
 
 def _candidate_rows(results: Sequence[str], scripted_only: bool):
-    rows, seen = [], set()
+    rows, seen, SCRIPT = [], set(), recipes.SCRIPT_SETTINGS
     for name in results:
         path = measure.results_dir() / f"{name}.json"
         latest = {}  # within a file the later row wins: a re-measurement (the T4 rows at 14.25 GiB after 15)
         for row in measure.load_rows(path) if path.exists() else []:
             recipe = recipes.RECIPES.get(row.recipe)
             measured = (row.s_per_image is not None or row.ms_per_step is not None) and not row.extra.get("error")
-            if (row.recipe in seen or recipe is None or not measured or row.extra.get("superseded")
+            other_size = (row.height, row.width) != (SCRIPT["HEIGHT"], SCRIPT["WIDTH"])  # not what a script needs
+            if (row.recipe in seen or recipe is None or not measured or other_size or row.extra.get("superseded")
                     or (scripted_only and not recipe.script)):
                 continue  # the first file wins; compiled, direct-API, failed and superseded rows are not advice
             latest[row.recipe] = (name, row, recipe)
@@ -561,9 +562,9 @@ def recommend(gpu_mem_gib: float | None, host_ram_gib: float, compute_capability
         seconds, timing = _seconds(row, recipe, device)
         fitting.append((row, recipe, host, host_how, source, seconds, timing))
     if not device.bf16 and fitting:
-        notes.append(f"{device.name} has no bf16: load in float16 (dtype=torch.float16), as the scripts below do. "
-                     "Memory is the same; times measured on an H100 will be longer here (a low-RAM script's time "
-                     "is already a T4's, estimated).")
+        notes.append(f"A GPU of compute capability {'.'.join(map(str, device.compute_capability))} has no bf16: load in "
+                     "float16 (dtype=torch.float16), as the scripts below do. Memory is the same; times measured on "
+                     "an H100 will be longer here (a low-RAM script's time is already a T4's, estimated).")
     key = {
         "memory": lambda item: item[0].peak_gpu_mem_gib,
         "speed": lambda item: item[5] if item[5] is not None else np.inf,

@@ -117,8 +117,9 @@ def weights_bytes(model: str | None, recipe: str | recipes.Recipe) -> dict[str, 
     elif recipe.layerwise_storage_dtype is not None:
         plan_rows = memory.layerwise_casting_plan(metas["transformer"])
         result["transformer"] = sum(row["params"] * (1 if row["cast"] else 2) for row in plan_rows)
-    elif transformer_scheme != "16bit":
-        result["transformer"] = _module_bytes(metas["transformer"], transformer_scheme)
+    elif transformer_scheme != "16bit":  # diffusers' ModelOpt config leaves every proj_out unquantized (chapter 08)
+        skip = ("proj_out",) if recipe.backend == "modelopt" else ()
+        result["transformer"] = _module_bytes(metas["transformer"], transformer_scheme, skip)
     if t5_scheme != "16bit":
         skip = T5_UNQUANTIZED if recipe.backend in ("bitsandbytes", "quanto") else ()
         result["text_encoder_2"] = _module_bytes(metas["text_encoder_2"], t5_scheme, skip)

@@ -630,13 +630,17 @@ def _newer_recipes(registry: dict[str, Recipe]) -> list[Recipe]:
                backend_needs=(sdnq,)),
         *(Recipe(f"modelopt-{kind.lower()}", "modelopt", f"NVIDIA ModelOpt {kind} weights, quantized while loading",
                  config("NVIDIAModelOptConfig", quant_type=kind), storage=("int8-row", "16bit"),
-                 backend_needs=(modelopt,)) for kind in ("FP8", "INT8")),
+                 backend_needs=(modelopt,),
+                 script=("modelopt_fp8.py", "load_quantized.py", "generate.py") if kind == "FP8" else ())
+          for kind in ("FP8", "INT8")),
         Recipe("bfl-fp8r", "bfl", "a BFL fp8r file: the blocks' Linears in float8 with a scale per row, read with "
                "from_single_file", config("BFLQuantizationConfig", compute_dtype=DTYPE), storage=("int8-row", "16bit"),
-               checkpoint="bfl"),
+               checkpoint="bfl", script=("load_bfl.py", "generate.py"),
+               script_settings=(("BFL_FILE", "flux1-dev-fp8r.safetensors"),)),
         Recipe("autoround-w4a16", "autoround", "an AutoRound W4A16 checkpoint: 4-bit weights in groups of 128, "
                "quantized beforehand by the auto-round library", storage=("int4-g128", "16bit"),
-               backend_needs=(autoround,), checkpoint="prequantized"),
+               backend_needs=(autoround,), checkpoint="prequantized", script=("load_autoround.py", "generate.py"),
+               script_settings=(("AUTOROUND_FOLDER", "flux1-dev-autoround-w4a16"),)),
         Recipe("nunchaku-lite-svdq-int4", "nunchaku", "a Nunchaku Lite SVDQuant checkpoint: 4-bit weights and "
                "activations with a 16-bit low-rank branch", storage=("int4-g128", "16bit"), backend_needs=(nunchaku,),
                checkpoint="prequantized"),

@@ -178,9 +178,10 @@ def test_committed_full_scale_run_covers_the_blog_and_chapter_07_explains_every_
 # --- the decision helper ------------------------------------------------------------------------
 
 
-def _row(recipe, peak, seconds, sqnr, host=5.0, steps=50, ms_per_step=None):
+def _row(recipe, peak, seconds, sqnr, host=5.0, steps=50, ms_per_step=None, size=1024):
     return ql.measure.new_row("flux-dev-shaped", recipe, CPU, steps=steps, peak_gpu_mem_gib=peak, s_per_image=seconds,
-                              ms_per_step=ms_per_step, peak_host_rss_gib=host, extra={"sqnr_db": sqnr})
+                              ms_per_step=ms_per_step, peak_host_rss_gib=host, extra={"sqnr_db": sqnr},
+                              height=size, width=size)
 
 
 @pytest.fixture
@@ -198,7 +199,9 @@ def results(tmp_path, monkeypatch):
     ql.measure.save_rows([_row("bf16+sequential-offload", 2.6, 47.0, math.inf, host=33.1, steps=10, ms_per_step=4400),
                           _row("bf16", 99.0, 1.0, math.inf)],  # a second bf16 row: the first file's wins
                          tmp_path / "05_memory_flux-dev-shaped.json")
-    ql.measure.save_rows([_row("gguf-q2_k+model-offload", 9.0, 29.6, 4.0, host=8.4)],
+    # a row at 512×512 would win on memory, but the pasted script generates at 1024×1024: it is no advice
+    ql.measure.save_rows([_row("gguf-q2_k+model-offload", 9.0, 29.6, 4.0, host=8.4),
+                          _row("quanto-int4", 5.0, 4.0, 14.0, size=512)],
                          tmp_path / "02_gguf_flux-dev-shaped.json")
     monkeypatch.setenv("QUANTLAB_RESULTS", str(tmp_path))
     return rows

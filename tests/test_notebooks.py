@@ -131,6 +131,18 @@ def test_a_whole_recipe_cell_a_learner_can_paste(path):
         f"{path.name}: the whole-recipe cell must be ql.get_recipe({recipe.name!r}).script_body()")
 
 
+def test_each_newer_backend_that_runs_here_has_its_own_whole_script():
+    # chapter 08 teaches five backends: each that runs on a CPU shows its own script, free of quantlab
+    nb = read(next(p for p in NOTEBOOKS if p.name.startswith("08_")))
+    scripts = {c.metadata["recipe"]: c.source for c in code_cells(nb) if "backend-recipe" in c.metadata.get("tags", [])}
+    scripts[whole_recipe_cells(nb)[0].metadata["recipe"]] = whole_recipe_cells(nb)[0].source
+    assert {ql.get_recipe(name).backend for name in scripts} == {"sdnq", "modelopt", "bfl", "autoround"}
+    for name, source in scripts.items():
+        assert "ql." not in source and "quantlab" not in source, name
+        assert source.strip("\n") == ql.get_recipe(name).script_body().strip("\n"), name
+        assert re.search(r"\bpipe\(", source) and "max_memory_reserved" in source, name
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_runs_end_to_end_quietly(path, tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTLAB_RUN_DIR", str(tmp_path))
