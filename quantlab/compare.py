@@ -464,16 +464,16 @@ class Advice:
 
 
 def _candidate_rows(results: Sequence[str], scripted_only: bool):
-    rows, seen, SCRIPT = [], set(), recipes.SCRIPT_SETTINGS
+    rows, seen = [], set()
+    script_size = (recipes.SCRIPT_SETTINGS["HEIGHT"], recipes.SCRIPT_SETTINGS["WIDTH"])  # what the scripts generate
     for name in results:
         path = measure.results_dir() / f"{name}.json"
         latest = {}  # within a file the later row wins: a re-measurement (the T4 rows at 14.25 GiB after 15)
         for row in measure.load_rows(path) if path.exists() else []:
             recipe = recipes.RECIPES.get(row.recipe)
             measured = (row.s_per_image is not None or row.ms_per_step is not None) and not row.extra.get("error")
-            other_size = (row.height, row.width) != (SCRIPT["HEIGHT"], SCRIPT["WIDTH"])  # not what a script needs
-            if (row.recipe in seen or recipe is None or not measured or other_size or row.extra.get("superseded")
-                    or (scripted_only and not recipe.script)):
+            if (row.recipe in seen or recipe is None or not measured or (row.height, row.width) != script_size
+                    or row.extra.get("superseded") or (scripted_only and not recipe.script)):
                 continue  # the first file wins; compiled, direct-API, failed and superseded rows are not advice
             latest[row.recipe] = (name, row, recipe)
         seen.update(latest)
