@@ -462,3 +462,11 @@ def test_projected_s_per_image_adds_the_missing_steps():
 
 def test_per_device_peak_is_none_on_a_cpu():
     assert measure.peak_gpu_memory_per_device_gib("cpu") is None
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "results").glob("*.json")), ids=lambda p: p.stem)
+def test_every_committed_results_file_loads_with_its_device_and_versions(path):
+    # nothing in results/ is lost when code moves: each file still reads back as rows that say where they ran
+    frame = load_results(path.stem)
+    assert len(frame) > 0 and frame.recipe.notna().all() and frame.device.notna().all(), path.name
+    assert all(isinstance(v, dict) and "torch" in v for v in frame.versions), path.name
