@@ -1,4 +1,5 @@
-"""Shared fixtures: a private model cache for the test session, and the tiny pipeline loaded once."""
+"""Shared fixtures: a private model cache for the test session, the tiny pipeline loaded once, and the
+speed tests' stand-ins for optional packages (FA3, Triton) and diffusers' attention default."""
 
 from __future__ import annotations
 
@@ -36,3 +37,42 @@ def tiny_pipe(tiny_path):
     pipe = FluxPipeline.from_pretrained(tiny_path, dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# --- the speed tests (tests/test_speed.py, tests/test_lab_speed.py) ---
+
+
+@pytest.fixture
+def module_problems(monkeypatch):
+    """What `env._module_problem` says of each module the checks import (FA3's and Triton's): that each loads,
+    unless a test puts a problem in the dict it returns."""
+    problems: dict[str, str] = {}
+    monkeypatch.setattr("quantlab.env._module_problem", lambda module: problems.get(module))
+    return problems
+
+
+@pytest.fixture
+def fa3_installed(module_problems):
+    """Pretend the fa3-fwd package is installed and loads (it loads only where a CUDA 13 runtime is)."""
+    return module_problems
+
+
+@pytest.fixture
+def triton_installed(module_problems):
+    """Pretend Triton is installed (PyTorch's CUDA builds bring it)."""
+    return module_problems
+
+
+@pytest.fixture
+def fa3_missing(module_problems):
+    module_problems["fa3_fwd_interface"] = "not installed here"
+    return module_problems
+
+
+@pytest.fixture
+def keep_the_default_attention_backend():
+    """`set_attention_backend` also sets diffusers' process-wide default: put it back after each test."""
+    from diffusers.models.attention_dispatch import attention_backend
+
+    with attention_backend("native"):
+        yield

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import quantlab as ql
-from quantlab import env, speed
+from quantlab import speed
 from quantlab.env import DeviceInfo
 from quantlab.lab import hand_written, kernels
 from quantlab.lab import speed as lab
@@ -27,35 +27,7 @@ SINGLE_BLOCK_KERNELS = Speedups(activations="float8static-tensor", fuse_qkv=True
 WITHOUT_SINGLE_BLOCK_KERNELS = dataclasses.replace(SINGLE_BLOCK_KERNELS, single_block_kernels=False)
 WITH_ONE_MATMUL = dataclasses.replace(SINGLE_BLOCK_KERNELS, fused_qkv_mlp=True)
 
-
-@pytest.fixture
-def module_problems(monkeypatch):
-    """What `env._module_problem` says of each module the checks import (FA3's and Triton's): that each loads,
-    unless a test puts a problem in the dict it returns."""
-    problems: dict[str, str] = {}
-    monkeypatch.setattr(env, "_module_problem", lambda module: problems.get(module))
-    return problems
-
-
-@pytest.fixture
-def fa3_installed(module_problems):
-    """Pretend the fa3-fwd package is installed and loads (it loads only where a CUDA 13 runtime is)."""
-    return module_problems
-
-
-@pytest.fixture
-def triton_installed(module_problems):
-    """Pretend Triton is installed (PyTorch's CUDA builds bring it)."""
-    return module_problems
-
-
-@pytest.fixture(autouse=True)
-def keep_the_default_attention_backend():
-    """`set_attention_backend` also sets diffusers' process-wide default: put it back after each test."""
-    from diffusers.models.attention_dispatch import attention_backend
-
-    with attention_backend("native"):
-        yield
+pytestmark = pytest.mark.usefixtures("keep_the_default_attention_backend")
 
 
 # --- FlashAttention-3 and the rope kernel -------------------------------------------------------
